@@ -1,0 +1,1 @@
+# nanochat_jax: nanochat's pipeline in JAX.
