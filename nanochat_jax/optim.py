@@ -1,0 +1,292 @@
+"""nanochat's optimizer set-up as Optax: Muon for block matrices, AdamW for wte and lm_head.
+
+Layout note: our kernels are (in, out), the transpose of torch's (out, in) `nn.Linear.weight`.
+Muon's aspect scale and Newton-Schulz orientation are defined on torch's layout, so the Muon
+transformation works on `kernel.T` to round in bf16 exactly where nanochat rounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+# Quintic Newton-Schulz coefficients from nanochat's muon.py (tuned to push singular values
+# into roughly [0.5, 1.5] fast, not to converge exactly).
+_NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# The Adam lrs were tuned at model_dim 768 and are scaled by (model_dim / 768) ** -0.5.
+_LR_REFERENCE_DIM = 768
+GROUPS = ("embedding", "unembedding", "muon")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """nanochat's `setup_optimizers` defaults plus base_train's grad clip."""
+
+    model_dim: int
+    embedding_lr: float = 0.2
+    unembedding_lr: float = 0.004
+    matrix_lr: float = 0.02
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.8, 0.95)
+    adam_eps: float = 1e-10
+    muon_momentum: float = 0.95  # used when no momentum schedule is given (SFT, RL)
+    ns_steps: int = 5
+    grad_clip: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self) -> None:
+        if self.model_dim <= 0:
+            raise ValueError(f"model_dim must be > 0, got {self.model_dim}")
+        for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be two values in [0, 1), got {self.adam_betas}")
+        if self.adam_eps < 0:
+            raise ValueError(f"adam_eps must be >= 0, got {self.adam_eps}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if self.ns_steps < 1:
+            raise ValueError(f"ns_steps must be >= 1, got {self.ns_steps}")
+
+    @property
+    def adam_lr_scale(self) -> float:
+        return (self.model_dim / _LR_REFERENCE_DIM) ** -0.5
+
+
+# ----------------------------------------------------------------------------- Muon
+
+
+def newton_schulz(G: jax.Array, steps: int = 5) -> jax.Array:
+    """nanochat's `zeropower_via_newtonschulz5` on a torch-layout (rows, cols) matrix.
+
+    Everything runs in bf16, the Frobenius normalisation included; the result stays bf16.
+    A tall matrix is transposed first so that `X @ X.T` is the small Gram matrix.
+    """
+    if G.ndim < 2:
+        raise ValueError(f"newton_schulz needs a matrix (ndim >= 2), got shape {G.shape}")
+    a, b, c = _NS_COEFFS
+    X = G.astype(jnp.bfloat16)
+    tall = G.shape[-2] > G.shape[-1]
+    if tall:
+        X = X.mT
+    # torch reduces a bf16 norm with fp32 accumulation and rounds the result to bf16.
+    sq_sum = jnp.sum(jnp.square(X.astype(jnp.float32)), axis=(-2, -1), keepdims=True)
+    X = X / (jnp.sqrt(sq_sum).astype(jnp.bfloat16) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        # fp32 coefficients: a weak-typed Python float would be rounded to bf16 first, which
+        # changes the polynomial; torch applies scalars in fp32 and rounds each result to bf16.
+        B = (b * A.astype(jnp.float32) + c * (A @ A).astype(jnp.float32)).astype(jnp.bfloat16)
+        X = (a * X.astype(jnp.float32) + (B @ X).astype(jnp.float32)).astype(jnp.bfloat16)
+    return X.mT if tall else X
+
+
+def orthogonalize_kernel(g: jax.Array, ns_steps: int = 5) -> jax.Array:
+    """Muon's update direction for an (in, out) kernel, fp32: aspect scale * NS5 of torch's view.
+
+    torch's weight is `kernel.T` (out, in): orthogonalise that so bf16 rounds in nanochat's
+    orientation, and scale by sqrt(max(1, rows/cols)) of that (out, in) shape.
+    """
+    if g.ndim != 2:
+        raise ValueError(f"Muon only takes 2-D kernels, got shape {g.shape}")
+    d_in, d_out = g.shape
+    aspect = max(1.0, d_out / d_in) ** 0.5
+    return newton_schulz(g.T, ns_steps).T.astype(g.dtype) * aspect
+
+
+class MuonState(NamedTuple):
+    momentum_buffer: optax.Updates
+
+
+def scale_by_muon(
+    momentum: float | jax.Array, ns_steps: int = 5, nesterov: bool = True
+) -> optax.GradientTransformation:
+    """Muon's direction for (in, out) kernels: momentum, Nesterov, NS5, aspect scale (no lr)."""
+
+    def init_fn(params: optax.Params) -> MuonState:
+        return MuonState(jax.tree.map(jnp.zeros_like, params))
+
+    def orthogonalize(g: jax.Array, buf: jax.Array) -> jax.Array:
+        g = g + momentum * (buf - g) if nesterov else buf  # torch: g.lerp_(buf, momentum)
+        return orthogonalize_kernel(g, ns_steps)
+
+    def update_fn(updates, state, params=None):
+        del params
+        # torch: buf.lerp_(g, 1 - momentum)
+        buf = jax.tree.map(
+            lambda g, b: b + (1 - momentum) * (g - b), updates, state.momentum_buffer
+        )
+        return jax.tree.map(orthogonalize, updates, buf), MuonState(buf)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def muon(
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: float | jax.Array = 0.95,
+    ns_steps: int = 5,
+    nesterov: bool = True,
+) -> optax.GradientTransformation:
+    """nanochat's Muon: p -= lr * sqrt(max(1, rows/cols)) * NS5(nesterov momentum of g)."""
+    return optax.chain(
+        scale_by_muon(momentum, ns_steps, nesterov), optax.scale_by_learning_rate(learning_rate)
+    )
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """torch's `clip_grad_norm_`: scale by min(1, max_norm / (norm + 1e-6))."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        coef = jnp.minimum(max_norm / (optax.tree.norm(updates) + 1e-6), 1.0)
+        return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _key_name(key) -> object:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    return key
+
+
+def _label(path, _leaf) -> str:
+    top = _key_name(path[0]) if path else None
+    label = {"wte": "embedding", "lm_head": "unembedding", "h": "muon"}.get(top)
+    if label is None:
+        raise ValueError(
+            f"parameter {jax.tree_util.keystr(path)} has no optimizer group: "
+            "expected it under 'wte', 'lm_head' or 'h'"
+        )
+    return label
+
+
+def param_labels(params) -> object:
+    """'embedding' for wte, 'unembedding' for lm_head, 'muon' for everything under h.
+
+    Works on `nnx.state(model, nnx.Param)` (labels replace each Param, a prefix of the State
+    tree, which `optax.partition` accepts) and on a plain nested dict of the same paths.
+    """
+
+    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    return jax.tree_util.tree_map_with_path(_label, params, is_leaf=is_variable)
+
+
+def make_optimizer(
+    params,
+    cfg: OptimConfig,
+    lr_schedule: optax.Schedule | None = None,
+    momentum_schedule: optax.Schedule | None = None,
+) -> optax.GradientTransformation:
+    """Clip, then AdamW (wte, lm_head) and Muon (blocks); `lr_schedule` multiplies every lr.
+
+    Without schedules the lr multiplier is 1 and the Muon momentum is `cfg.muon_momentum`.
+    The current lr/momentum of each group sit in its `InjectHyperparamsState.hyperparams`.
+    """
+    lrm = lr_schedule if lr_schedule is not None else (lambda step: 1.0)
+    momentum = momentum_schedule if momentum_schedule is not None else cfg.muon_momentum
+    inject = {"hyperparam_dtype": jnp.float32}
+
+    def adamw(base_lr: float) -> optax.GradientTransformation:
+        # optax's denominator sqrt(v_hat) + eps equals torch.optim.AdamW's sqrt(v)/sqrt(bc2) + eps.
+        return optax.inject_hyperparams(optax.adamw, **inject)(
+            learning_rate=lambda step: base_lr * lrm(step),
+            b1=cfg.adam_betas[0],
+            b2=cfg.adam_betas[1],
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+        )
+
+    transforms = {
+        "embedding": adamw(cfg.embedding_lr * cfg.adam_lr_scale),
+        "unembedding": adamw(cfg.unembedding_lr * cfg.adam_lr_scale),
+        "muon": optax.inject_hyperparams(muon, static_args=("ns_steps",), **inject)(
+            learning_rate=lambda step: cfg.matrix_lr * lrm(step),
+            momentum=momentum,
+            ns_steps=cfg.ns_steps,
+        ),
+    }
+    steps = [optax.partition(transforms, param_labels(params))]
+    if cfg.grad_clip > 0:
+        steps.insert(0, clip_by_global_norm(cfg.grad_clip))
+    return optax.chain(*steps)
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def lr_multiplier_schedule(
+    num_iterations: int,
+    warmup_ratio: float = 0.0,
+    warmdown_ratio: float = 0.2,
+    final_lr_frac: float = 0.0,
+) -> optax.Schedule:
+    """base_train's `get_lr_multiplier`: linear warmup, flat, linear warmdown to final_lr_frac."""
+    if num_iterations < 1:
+        raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+    for name, value in (("warmup_ratio", warmup_ratio), ("warmdown_ratio", warmdown_ratio)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    if warmup_ratio + warmdown_ratio > 1:
+        raise ValueError(
+            f"warmup_ratio + warmdown_ratio must be <= 1, got {warmup_ratio} + {warmdown_ratio}"
+        )
+    if not 0 <= final_lr_frac <= 1:
+        raise ValueError(f"final_lr_frac must be in [0, 1], got {final_lr_frac}")
+    # Python's round (banker's rounding), as nanochat computes these on the host.
+    warmup_iters = round(warmup_ratio * num_iterations)
+    warmdown_iters = round(warmdown_ratio * num_iterations)
+
+    def schedule(step):
+        it = jnp.asarray(step)
+        warmup = (it + 1) / max(warmup_iters, 1)
+        progress = (num_iterations - it) / max(warmdown_iters, 1)
+        warmdown = progress * 1.0 + (1 - progress) * final_lr_frac
+        flat_or_down = jnp.where(it <= num_iterations - warmdown_iters, 1.0, warmdown)
+        return jnp.where(it < warmup_iters, warmup, flat_or_down)
+
+    return schedule
+
+
+def muon_momentum_schedule(
+    warmup_steps: int = 300, start: float = 0.85, end: float = 0.95
+) -> optax.Schedule:
+    """base_train's `get_muon_momentum`: linear from `start` to `end` over `warmup_steps`."""
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if not (0 <= start < 1 and 0 <= end < 1):
+        raise ValueError(f"momentum start/end must be in [0, 1), got {start}, {end}")
+
+    def schedule(step):
+        if warmup_steps == 0:
+            return jnp.asarray(end)
+        frac = jnp.minimum(jnp.asarray(step) / warmup_steps, 1)
+        return (1 - frac) * start + frac * end
+
+    return schedule
+
+
+def linear_decay_schedule(num_iterations: int, init_frac: float = 1.0) -> optax.Schedule:
+    """SFT/RL lr multiplier: init_frac * (1 - step / num_iterations)."""
+    if num_iterations < 1:
+        raise ValueError(f"num_iterations must be >= 1, got {num_iterations}")
+    return lambda step: init_frac * (1 - jnp.asarray(step) / num_iterations)
+
+
+def progress_lr_multiplier(progress: jax.Array | float) -> jax.Array:
+    """mid_train's lr multiplier from data progress in [0, 1]: flat, then linear to 0 after 0.8.
+
+    Progress is not a function of the step, so a trainer scales the Muon/AdamW updates by this
+    value (both are linear in lr) instead of passing it as an optax schedule.
+    """
+    progress = jnp.asarray(progress)
+    return jnp.where(progress < 0.8, 1.0, 1 - (progress - 0.8) / 0.2)
