@@ -190,7 +190,8 @@ def make_optimizer(
     """Clip, then AdamW (wte, lm_head) and Muon (blocks); `lr_schedule` multiplies every lr.
 
     Without schedules the lr multiplier is 1 and the Muon momentum is `cfg.muon_momentum`.
-    The current lr/momentum of each group sit in its `InjectHyperparamsState.hyperparams`.
+    State: (clip, partition); the lr/momentum last used by each group sit in
+    `state[1].inner_states[group].inner_state.hyperparams`.
     """
     lrm = lr_schedule if lr_schedule is not None else (lambda step: 1.0)
     momentum = momentum_schedule if momentum_schedule is not None else cfg.muon_momentum
@@ -215,10 +216,9 @@ def make_optimizer(
             ns_steps=cfg.ns_steps,
         ),
     }
-    steps = [optax.partition(transforms, param_labels(params))]
-    if cfg.grad_clip > 0:
-        steps.insert(0, clip_by_global_norm(cfg.grad_clip))
-    return optax.chain(*steps)
+    # identity keeps the state layout (clip, partition) the same with and without clipping.
+    clip = clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity()
+    return optax.chain(clip, optax.partition(transforms, param_labels(params)))
 
 
 # ----------------------------------------------------------------------------- schedules
