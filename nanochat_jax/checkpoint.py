@@ -105,6 +105,7 @@ class Checkpointer:
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be None (keep all) or >= 1, got {max_to_keep}")
         self.directory = Path(directory).absolute()
+        self._read_only = read_only
         if read_only and not self.directory.is_dir():
             raise FileNotFoundError(f"no checkpoint directory {self.directory}")
         options = ocp.CheckpointManagerOptions(
@@ -156,6 +157,8 @@ class Checkpointer:
         this run abandoned (e.g. it resumed from an earlier step because the later one was damaged),
         and leaving them would make the next resume pick them up.
         """
+        if self._read_only:
+            raise ValueError(f"this Checkpointer of {self.directory} is read-only; cannot save")
         if "model_config" not in meta:
             raise ValueError(
                 "meta must hold 'model_config' (GPTConfig.to_dict()) so it can be loaded"
@@ -396,13 +399,14 @@ def _fingerprint(x: jax.Array) -> jax.Array:
     return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
 
 
-_fingerprint_all = jax.jit(lambda leaves: {k: _fingerprint(x) for k, x in leaves.items()})
+_fingerprint_jit = jax.jit(_fingerprint)
 
 
 def _fingerprints(tree: Any) -> dict[str, list]:
-    """{path: [dtype, fingerprint]} of every array leaf."""
+    """{path: [dtype, fingerprint]} of every array leaf. One jit call per leaf, because leaves may
+    live on different device sets (a mesh, one device) that a single jitted call cannot mix."""
     leaves = {k: x for k, x in _flat(tree).items() if isinstance(x, jax.Array | np.ndarray)}
-    values = jax.device_get(_fingerprint_all(leaves))
+    values = jax.device_get({k: _fingerprint_jit(x) for k, x in leaves.items()})
     return {k: [str(leaves[k].dtype), int(values[k])] for k in leaves}
 
 

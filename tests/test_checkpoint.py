@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
@@ -179,6 +178,11 @@ def _damage_remove_params(step_dir: Path) -> None:
     shutil.rmtree(step_dir / "params")
 
 
+def _damage_empty_step_dir(step_dir: Path) -> None:
+    shutil.rmtree(step_dir)
+    step_dir.mkdir()
+
+
 def _damage_garble_meta(step_dir: Path) -> None:
     for path in (step_dir / "meta").iterdir():
         path.write_text("{not json")
@@ -186,8 +190,14 @@ def _damage_garble_meta(step_dir: Path) -> None:
 
 @pytest.mark.parametrize(
     "damage",
-    [_damage_flip_bit, _damage_truncate, _damage_remove_params, _damage_garble_meta],
-    ids=["flipped-bit", "truncated", "missing-params", "garbled-meta"],
+    [
+        _damage_flip_bit,
+        _damage_truncate,
+        _damage_remove_params,
+        _damage_empty_step_dir,
+        _damage_garble_meta,
+    ],
+    ids=["flipped-bit", "truncated", "missing-params", "empty-step-dir", "garbled-meta"],
 )
 def test_damaged_latest_step_falls_back_to_previous_with_warning(tmp_path, caplog, damage):
     saved = _save_steps(tmp_path, [1, 2, 3])
@@ -243,6 +253,9 @@ def test_save_rejects_bad_meta_and_data_state(tmp_path):
             ckpt.save(1, params=_params(), data_state={"x": object()}, meta=META)
         with pytest.raises(ValueError, match=r"meta\['step'\]=2 but saving step 1"):
             ckpt.save(1, params=_params(), meta={**META, "step": 2})
+    with Checkpointer(tmp_path, read_only=True) as reader:
+        with pytest.raises(ValueError, match="read-only"):
+            reader.save(1, params=_params(), meta=META)
     with pytest.raises(ValueError, match="max_to_keep"):
         Checkpointer(tmp_path, max_to_keep=0)
 
@@ -407,6 +420,8 @@ def test_save_on_8_devices_restore_on_4_and_on_1(tmp_path):
 def test_real_gpt_and_optimizer_state_round_trip(tmp_path):
     """The trainer's trees: nnx.to_pure_dict of the GPT's params + make_optimizer's state,
     restored into targets built from meta like eval/chat do."""
+    from flax import nnx
+
     from nanochat_jax.config import GPTConfig
     from nanochat_jax.model import GPT
     from nanochat_jax.optim import OptimConfig, make_optimizer
