@@ -275,6 +275,8 @@ class Checkpointer:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
             out = {name: restored[name] for name in args}
         except Exception as e:
+            if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+                raise  # out of memory is not damage: every earlier step would fail the same way
             raise _DamagedStep(f"cannot read its arrays: {_brief(e)}") from e
         for name in targets:
             _verify(name, out[name], jsons["checksums"].get("arrays", {}).get(name, {}))
