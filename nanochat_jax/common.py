@@ -29,6 +29,7 @@ def get_logger(name: str) -> logging.Logger:
             logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
         )
         root.addHandler(handler)
+        root.propagate = False  # some libraries (orbax) give the root logger a handler too
         root.setLevel(os.environ.get("NANOCHAT_JAX_LOG_LEVEL", "INFO"))
     return root.getChild(name.removeprefix("nanochat_jax."))
 
