@@ -1,0 +1,231 @@
+"""nanochat's GPT (October 2025) in Flax NNX.
+
+Rotary (no learned positions), QK-norm, parameter-free RMSNorm, relu^2 MLP, untied embedding and
+lm_head, no biases, GQA, logit softcap. Shapes: B batch, T query positions, S key positions,
+D model dim, N query heads, K kv heads, H head dim, F = H/2 rotary frequencies, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from nanochat_jax.config import GPTConfig
+
+SOFTCAP = 15.0
+ROTARY_BASE = 10000.0
+
+
+def rms_norm(x: jax.Array) -> jax.Array:
+    """torch F.rms_norm(x, (D,)) with eps=None: no weight, computed in fp32.
+
+    torch documents eps=None as finfo(x.dtype).eps, but its kernel uses the epsilon of the fp32
+    compute type for bf16 inputs too (measured: 1.19e-7, not 7.8e-3), so fp32 eps always.
+    """
+    x32 = x.astype(jnp.float32)
+    eps = jnp.finfo(jnp.float32).eps
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def rotary_cos_sin(num_positions: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(P, F) bf16 cos/sin tables for positions 0..P-1, as nanochat's buffers.
+
+    nanochat forms fp32 angles t * inv_freq, takes cos/sin in fp32 and rounds to bf16. We form the
+    same fp32 angles and evaluate cos/sin in float64 so the bf16 values do not depend on the
+    backend's fp32 trig accuracy (XLA's differs from torch's for large angles).
+    """
+    channels_F = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    # fp32 base**x correctly rounded (what torch's fp32 pow gives here), then an fp32 reciprocal.
+    powers_F = np.power(ROTARY_BASE, channels_F.astype(np.float64)).astype(np.float32)
+    inv_freq_F = np.float32(1.0) / powers_F
+    angles_PF = np.arange(num_positions, dtype=np.float32)[:, None] * inv_freq_F[None, :]
+    angles_PF = angles_PF.astype(np.float64)
+    return np.cos(angles_PF).astype(jnp.bfloat16), np.sin(angles_PF).astype(jnp.bfloat16)
+
+
+def _apply_rotary(x_BTNH: jax.Array, cos_TF: jax.Array, sin_TF: jax.Array) -> jax.Array:
+    # Half-split pairing (not interleaved) and this sign convention, exactly as nanochat.
+    x1, x2 = jnp.split(x_BTNH, 2, axis=-1)
+    cos, sin = cos_TF[None, :, None, :], sin_TF[None, :, None, :]
+    return jnp.concatenate([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], -1).astype(x_BTNH.dtype)
+
+
+def _attention_impl(dtype: jnp.dtype, masked: bool) -> str | None:
+    """cuDNN flash attention on GPU for the bf16/fp16 causal path; XLA otherwise."""
+    if jax.default_backend() != "gpu":
+        return None
+    if masked or dtype not in (jnp.bfloat16, jnp.float16):
+        return "xla"
+    return "cudnn"
+
+
+def _attention(q_BTNH, k_BSKH, v_BSKH, mask_TS=None) -> jax.Array:
+    impl = _attention_impl(q_BTNH.dtype, mask_TS is not None)
+    if impl == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(
+                q_BTNH, k_BSKH, v_BSKH, is_causal=True, implementation="cudnn"
+            )
+        except (ValueError, NotImplementedError, RuntimeError):
+            impl = "xla"  # a shape cuDNN does not support (checked while tracing)
+    mask = None if mask_TS is None else mask_TS[None, None]
+    return jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, mask=mask, is_causal=mask is None, implementation=impl
+    )
+
+
+def _linear_init(key, shape, dtype=jnp.float32):
+    # nanochat: std = 1/sqrt(fan_in) * min(1, sqrt(fan_out/fan_in)); kernel is (in, out).
+    fan_in, fan_out = shape
+    std = min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in)
+    return std * jax.random.normal(key, shape, dtype)
+
+
+def _embedding_init(key, shape, dtype=jnp.float32):
+    # nanochat keeps wte in bf16: draw N(0, 1) and round to bf16 values, stored in fp32.
+    return jax.random.normal(key, shape, dtype).astype(jnp.bfloat16).astype(dtype)
+
+
+def _linear(d_in: int, d_out: int, rngs: nnx.Rngs, dtype, zero: bool = False) -> nnx.Linear:
+    init = nnx.initializers.zeros_init() if zero else _linear_init
+    return nnx.Linear(d_in, d_out, use_bias=False, dtype=dtype, kernel_init=init, rngs=rngs)
+
+
+@struct.dataclass
+class KVCache:
+    """Fixed-size functional KV cache: `pos` positions of every layer are filled."""
+
+    k: jax.Array  # (L, B, S, K, H)
+    v: jax.Array  # (L, B, S, K, H)
+    pos: jax.Array  # int32 scalar
+
+    @classmethod
+    def init(cls, config: GPTConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
+        if not 1 <= max_len <= config.rotary_seq_len:
+            raise ValueError(
+                f"KV cache max_len must be in [1, {config.rotary_seq_len}] (10 * sequence_len, "
+                f"nanochat's rotary table size), got {max_len}"
+            )
+        shape = (config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+class CausalSelfAttention(nnx.Module):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, dtype):
+        d, hd = config.n_embd, config.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, hd
+        self.c_q = _linear(d, config.n_head * hd, rngs, dtype)
+        self.c_k = _linear(d, config.n_kv_head * hd, rngs, dtype)
+        self.c_v = _linear(d, config.n_kv_head * hd, rngs, dtype)
+        self.c_proj = _linear(d, d, rngs, dtype, zero=True)
+
+    def __call__(self, x_BTD, cos_TF, sin_TF, kv=None):
+        B, T, D = x_BTD.shape
+        q_BTNH = self.c_q(x_BTD).reshape(B, T, self.n_head, self.head_dim)
+        k_BTKH = self.c_k(x_BTD).reshape(B, T, self.n_kv_head, self.head_dim)
+        v_BTKH = self.c_v(x_BTD).reshape(B, T, self.n_kv_head, self.head_dim)
+        # Rotary first, then QK-norm (nanochat's order).
+        q_BTNH = rms_norm(_apply_rotary(q_BTNH, cos_TF, sin_TF))
+        k_BTKH = rms_norm(_apply_rotary(k_BTKH, cos_TF, sin_TF))
+        if kv is None:
+            y_BTNH = _attention(q_BTNH, k_BTKH, v_BTKH)
+        else:
+            # Write the T new positions at `pos`; each query sees every key at or before its own
+            # position (prefix + causal), which covers prefill, chunked prefill and decode.
+            k_BSKH, v_BSKH, pos = kv
+            start = (0, pos, 0, 0)
+            k_BSKH = jax.lax.dynamic_update_slice(k_BSKH, k_BTKH.astype(k_BSKH.dtype), start)
+            v_BSKH = jax.lax.dynamic_update_slice(v_BSKH, v_BTKH.astype(v_BSKH.dtype), start)
+            kv = (k_BSKH, v_BSKH, pos)
+            S = k_BSKH.shape[1]
+            mask_TS = jnp.arange(S)[None, :] <= pos + jnp.arange(T)[:, None]
+            dtype = q_BTNH.dtype
+            y_BTNH = _attention(q_BTNH, k_BSKH.astype(dtype), v_BSKH.astype(dtype), mask_TS)
+        return self.c_proj(y_BTNH.reshape(B, T, D)), kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, dtype):
+        self.c_fc = _linear(config.n_embd, 4 * config.n_embd, rngs, dtype)
+        self.c_proj = _linear(4 * config.n_embd, config.n_embd, rngs, dtype, zero=True)
+
+    def __call__(self, x_BTD):
+        return self.c_proj(jnp.square(jax.nn.relu(self.c_fc(x_BTD))))
+
+
+class Block(nnx.Module):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, dtype):
+        self.attn = CausalSelfAttention(config, rngs=rngs, dtype=dtype)
+        self.mlp = MLP(config, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x_BTD, cos_TF, sin_TF, kv=None):
+        y_BTD, kv = self.attn(rms_norm(x_BTD), cos_TF, sin_TF, kv)
+        x_BTD = x_BTD + y_BTD
+        return x_BTD + self.mlp(rms_norm(x_BTD)), kv
+
+
+class GPT(nnx.Module):
+    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, compute_dtype=jnp.float32):
+        self.config = config
+        d, V = config.n_embd, config.vocab_size
+        self.wte = nnx.Embed(V, d, dtype=compute_dtype, embedding_init=_embedding_init, rngs=rngs)
+        self.h = nnx.List(
+            [Block(config, rngs=rngs, dtype=compute_dtype) for _ in range(config.n_layer)]
+        )
+        self.lm_head = _linear(d, V, rngs, compute_dtype, zero=True)
+
+    def _forward(self, idx_BT, cos_TF, sin_TF, cache=None):
+        x_BTD = rms_norm(self.wte(idx_BT))
+        new_k, new_v = [], []
+        for i, block in enumerate(self.h):
+            kv = None if cache is None else (cache.k[i], cache.v[i], cache.pos)
+            x_BTD, kv = block(x_BTD, cos_TF, sin_TF, kv)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        logits_BTV = self.lm_head(rms_norm(x_BTD))
+        logits_BTV = (SOFTCAP * jnp.tanh(logits_BTV / SOFTCAP)).astype(jnp.float32)
+        if cache is None:
+            return logits_BTV, None
+        T = idx_BT.shape[1]
+        return logits_BTV, KVCache(jnp.stack(new_k), jnp.stack(new_v), cache.pos + T)
+
+    def __call__(self, idx_BT, targets_BT=None, *, loss_reduction: str = "mean"):
+        T = idx_BT.shape[1]
+        if T > self.config.rotary_seq_len:
+            raise ValueError(
+                f"sequence length {T} exceeds the rotary table ({self.config.rotary_seq_len})"
+            )
+        cos_TF, sin_TF = rotary_cos_sin(T, self.config.head_dim)
+        logits_BTV, _ = self._forward(idx_BT, cos_TF, sin_TF)
+        if targets_BT is None:
+            return logits_BTV
+        return cross_entropy(logits_BTV, targets_BT, loss_reduction)
+
+    def forward_cached(self, idx_BT, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Run T new tokens at positions cache.pos.. against the cache; returns fp32 logits."""
+        T, S = idx_BT.shape[1], cache.k.shape[2]
+        if T > S:
+            raise ValueError(f"{T} new tokens do not fit a KV cache of length {S}")
+        cos_SF, sin_SF = rotary_cos_sin(S, self.config.head_dim)
+        cos_TF = jax.lax.dynamic_slice_in_dim(jnp.asarray(cos_SF), cache.pos, T)
+        sin_TF = jax.lax.dynamic_slice_in_dim(jnp.asarray(sin_SF), cache.pos, T)
+        return self._forward(idx_BT, cos_TF, sin_TF, cache)
+
+
+def cross_entropy(logits_BTV, targets_BT, loss_reduction: str = "mean") -> jax.Array:
+    """fp32 cross entropy with ignore_index=-1 (torch semantics: mean over counted targets)."""
+    if loss_reduction not in ("mean", "none"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'none', got {loss_reduction!r}")
+    valid_BT = targets_BT != -1
+    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    safe_BT = jnp.where(valid_BT, targets_BT, 0)
+    nll_BT = -jnp.take_along_axis(logp_BTV, safe_BT[..., None], axis=-1)[..., 0]
+    nll_BT = jnp.where(valid_BT, nll_BT, 0.0)
+    if loss_reduction == "none":
+        return nll_BT
+    return nll_BT.sum() / valid_BT.sum()
