@@ -8,7 +8,7 @@
 //! - `train_from_iterator(iterator, vocab_size, pattern=None, buffer_size=8192)`
 //! - `encode(text)`, `encode_batch(texts, num_threads=None)`, `decode(ids) -> bytes`
 //! - `get_mergeable_ranks() -> dict[bytes, int]`, `get_pattern()`, `get_special_tokens()`,
-//!   `set_special_tokens(dict)`, `get_merge_pairs()`, `vocab_size`, `n_mergeable`
+//!   `with_special_tokens(dict)`, `get_merge_pairs()`, `vocab_size`, `n_mergeable`
 //! - `split_text(text, pattern=None, force_regex=False)`: the pre-tokenizer's chunks.
 
 mod encode;
@@ -293,10 +293,14 @@ impl Tokenizer {
         self.encoder.vocab.merge_pairs()
     }
 
-    /// Number of ids: mergeable tokens plus special tokens.
+    /// One more than the largest id (tiktoken's `n_vocab`): mergeable tokens plus special
+    /// tokens when their ids follow without gaps.
     #[getter]
     fn vocab_size(&self) -> usize {
-        self.encoder.vocab.tokens.len() + self.specials.len()
+        let top_special = self.specials.iter().map(|&(_, id)| id as usize + 1).max();
+        top_special
+            .unwrap_or(0)
+            .max(self.encoder.vocab.tokens.len())
     }
 
     #[getter]
