@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import time
+from pathlib import Path
 
 import jax
 from flax import nnx
@@ -50,3 +53,80 @@ def mfu_percent(
             f"{peak_flops_per_device}"
         )
     return 100.0 * tokens_per_s * flops_per_token / (peak_flops_per_device * num_devices)
+
+
+class MetricsWriter:
+    """Training curves for TensorBoard (event files, no TensorFlow needed) and a JSONL log.
+
+    `tensorboard --logdir <log_dir>` shows the scalars and the text samples; `metrics.jsonl`
+    holds one `{"step": s, "time": t, ...}` object per `scalars` call for scripts and tests.
+    Only process 0 writes; other processes get a writer that does nothing.
+    """
+
+    def __init__(self, log_dir: str | Path, *, enabled: bool | None = None):
+        self.log_dir = Path(log_dir)
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._events = None
+        self._jsonl = None
+        if self.enabled:
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._events = EventFileWriter(str(self.log_dir))
+            self._jsonl = open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        from tensorboard.compat.proto import summary_pb2
+
+        now = time.time()
+        clean = {tag: float(value) for tag, value in values.items()}
+        summary = summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in clean.items()]
+        )
+        self._add_event(step, summary, now)
+        self._jsonl.write(json.dumps({"step": step, "time": now, **clean}) + "\n")
+
+    def text(self, step: int, tag: str, text: str) -> None:
+        if not self.enabled:
+            return
+        from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+
+        metadata = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text")
+        )
+        tensor = tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_STRING,
+            string_val=[text.encode("utf-8")],
+            tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[]),
+        )
+        value = summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor)
+        self._add_event(step, summary_pb2.Summary(value=[value]), time.time())
+
+    def _add_event(self, step: int, summary, wall_time: float) -> None:
+        from tensorboard.compat.proto import event_pb2
+
+        self._events.add_event(event_pb2.Event(wall_time=wall_time, step=step, summary=summary))
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._events.flush()
+            self._jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._events.close()
+            self._jsonl.close()
+            self.enabled = False
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl file (a torn last line from a killed run is skipped)."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

@@ -42,3 +42,26 @@ def test_mfu_percent():
     assert mfu_percent(1000.0, 1e9, peak_flops_per_device=1e13) == pytest.approx(10.0)
     with pytest.raises(ValueError, match="num_devices"):
         mfu_percent(1.0, 1, num_devices=0)
+
+
+def test_metrics_writer_tensorboard_and_jsonl(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nanochat_jax.metrics import MetricsWriter, read_jsonl
+
+    writer = MetricsWriter(tmp_path, enabled=True)
+    writer.scalars(1, {"train/loss": 3.5, "train/mfu": 41.0})
+    writer.scalars(2, {"train/loss": 3.25})
+    writer.text(2, "samples", "The capital of France is Paris")
+    writer.close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 3.5), (2, 3.25)]
+    assert events.Tensors("samples")[0].tensor_proto.string_val == [
+        b"The capital of France is Paris"
+    ]
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["train/loss"]) for r in records] == [(1, 3.5), (2, 3.25)]
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "train/lo')  # a run killed mid-write
+    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 2
