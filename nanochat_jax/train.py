@@ -84,12 +84,14 @@ def init_train_state(
     *,
     seed: int = 0,
     compute_dtype=jnp.float32,
-    params: Any = None,
+    load: Callable[[Any, Any], tuple[Any, Any]] | None = None,
 ) -> tuple[TrainState, optax.GradientTransformation]:
     """Model + optimizer state created directly in their shardings (no full copy on one device).
 
-    `make_optimizer(params)` receives the (abstract) parameter tree. `params`, if given, replaces
-    the fresh initialisation (e.g. weights loaded from a checkpoint); it is placed on the mesh.
+    `make_optimizer(params)` receives the abstract parameter tree. `load(params_target,
+    opt_state_target)`, if given, replaces the fresh initialisation: it receives abstract trees
+    (jax.ShapeDtypeStruct with the target shardings) and returns (params, opt_state), e.g. a
+    checkpoint restore; opt_state may be None to start the optimizer afresh.
     """
 
     def build():
@@ -99,24 +101,35 @@ def init_train_state(
         nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(seed), compute_dtype=compute_dtype))
     )
     optimizer = make_optimizer(abstract_params)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
     param_shardings = sharding.tree_shardings(abstract_params, mesh)
-    opt_shardings = sharding.tree_shardings(jax.eval_shape(optimizer.init, abstract_params), mesh)
+    opt_shardings = sharding.tree_shardings(abstract_opt, mesh)
     replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract_rest)
+    rest = jax.jit(lambda: build()[2], out_shardings=replicated)()
 
-    if params is None:
+    if load is None:
 
         def init():
-            _, fresh, rest = build()
-            return fresh, rest, optimizer.init(fresh)
+            _, fresh, _ = build()
+            return fresh, optimizer.init(fresh)
 
-        out_shardings = (param_shardings, replicated, opt_shardings)
-        params, rest, opt_state = jax.jit(init, out_shardings=out_shardings)()
+        init = jax.jit(init, out_shardings=(param_shardings, opt_shardings))
+        params, opt_state = init()
     else:
-        params = jax.device_put(params, param_shardings)
-        rest = jax.jit(lambda: build()[2], out_shardings=replicated)()
-        opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+        params, opt_state = load(
+            _with_shardings(abstract_params, param_shardings),
+            _with_shardings(abstract_opt, opt_shardings),
+        )
+        if opt_state is None:
+            opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     state = TrainState(graphdef, params, rest, opt_state, mesh, param_shardings, opt_shardings)
     return state, optimizer
+
+
+def _with_shardings(abstract, shardings):
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
 
 
 def loss_fn(params, graphdef, rest, inputs_BT, targets_BT):
