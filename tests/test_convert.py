@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
 
+from nanochat_jax.checkpoint import read_meta
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.convert import from_nanochat_state_dict, to_nanochat_state_dict
+from scripts import convert_nanochat
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = {
@@ -69,3 +73,53 @@ def test_shape_mismatch_is_named():
     state["transformer.h.0.attn.c_k.weight"] = np.zeros((128, 128), np.float32)
     with pytest.raises(ValueError, match=r"c_k.weight: shape \(128, 128\) .* \(64, 128\)"):
         from_nanochat_state_dict(state, CASES["gpt_tiny_forward"])
+
+
+def _write_nanochat_checkpoint(torch, directory: Path, step: int) -> tuple[dict, dict]:
+    """model_XXXXXX.pt + meta_XXXXXX.json as nanochat's base_train writes them."""
+    config = CASES["gpt_tiny_forward"]
+    tensors = {k: torch.from_numpy(v) for k, v in _golden_params("gpt_tiny_forward").items()}
+    tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"].to(torch.bfloat16)
+    meta = {
+        "step": step,
+        "val_bpb": 1.25,
+        "model_config": config.to_dict(),
+        "user_config": {"depth": 2, "run": "dummy"},
+        "device_batch_size": 2,
+        "max_seq_len": 64,
+    }
+    directory.mkdir(parents=True)
+    torch.save(tensors, directory / f"model_{step:06d}.pt")
+    (directory / f"meta_{step:06d}.json").write_text(json.dumps(meta))
+    return tensors, meta
+
+
+def test_script_round_trip_through_pt_files(tmp_path):
+    torch = pytest.importorskip(
+        "torch", reason="PyTorch not installed (uv sync --extra torch): .pt round trip not run"
+    )
+    tensors, meta = _write_nanochat_checkpoint(torch, tmp_path / "nanochat", step=7)
+    ours = tmp_path / "ours" / "d2"
+    convert_nanochat.main(
+        ["--from", str(tmp_path / "nanochat" / "model_000007.pt"), "--to", str(ours)]
+    )
+    assert read_meta(ours)["model_config"] == meta["model_config"]
+    with pytest.raises(SystemExit, match="already has steps"):
+        convert_nanochat.main(
+            ["--from", str(tmp_path / "nanochat" / "model_000007.pt"), "--to", str(ours)]
+        )
+
+    convert_nanochat.main(["--reverse", "--from", str(ours), "--to", str(tmp_path / "back")])
+    back = torch.load(tmp_path / "back" / "model_000007.pt", map_location="cpu", weights_only=True)
+    assert list(back) == list(tensors)
+    for name, tensor in tensors.items():
+        assert back[name].dtype == tensor.dtype, name
+        assert torch.equal(back[name], tensor), name
+    assert json.loads((tmp_path / "back" / "meta_000007.json").read_text()) == meta
+
+
+def test_script_without_torch_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
+    (tmp_path / "model_000001.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="uv sync --extra torch"):
+        convert_nanochat.main(["--from", str(tmp_path / "model_000001.pt"), "--to", str(tmp_path)])
