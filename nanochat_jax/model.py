@@ -63,7 +63,9 @@ def _attention_impl(dtype: jnp.dtype, masked: bool) -> str | None:
     return "cudnn"
 
 
-def _attention(q_BTNH, k_BSKH, v_BSKH, mask_TS=None) -> jax.Array:
+def _attention(
+    q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_TS: jax.Array | None = None
+) -> jax.Array:
     impl = _attention_impl(q_BTNH.dtype, mask_TS is not None)
     if impl == "cudnn":
         try:
@@ -134,17 +136,16 @@ class CausalSelfAttention(nnx.Module):
         if kv is None:
             y_BTNH = _attention(q_BTNH, k_BTKH, v_BTKH)
         else:
-            # Write the T new positions at `pos`; each query sees every key at or before its own
-            # position (prefix + causal), which covers prefill, chunked prefill and decode.
+            # Attend over the cache with the T new positions written at `pos`: each query sees
+            # every key at or before its own position (prefix + causal), which covers prefill,
+            # chunked prefill and decode. The caller stores (k, v) into its cache.
             k_BSKH, v_BSKH, pos = kv
             start = (0, pos, 0, 0)
-            k_BSKH = jax.lax.dynamic_update_slice(k_BSKH, k_BTKH.astype(k_BSKH.dtype), start)
-            v_BSKH = jax.lax.dynamic_update_slice(v_BSKH, v_BTKH.astype(v_BSKH.dtype), start)
-            kv = (k_BSKH, v_BSKH, pos)
-            S = k_BSKH.shape[1]
-            mask_TS = jnp.arange(S)[None, :] <= pos + jnp.arange(T)[:, None]
-            dtype = q_BTNH.dtype
-            y_BTNH = _attention(q_BTNH, k_BSKH.astype(dtype), v_BSKH.astype(dtype), mask_TS)
+            kv = (k_BTKH.astype(k_BSKH.dtype), v_BTKH.astype(v_BSKH.dtype))
+            k_BSKH = jax.lax.dynamic_update_slice(k_BSKH, kv[0], start).astype(q_BTNH.dtype)
+            v_BSKH = jax.lax.dynamic_update_slice(v_BSKH, kv[1], start).astype(q_BTNH.dtype)
+            mask_TS = jnp.arange(k_BSKH.shape[1])[None, :] <= pos + jnp.arange(T)[:, None]
+            y_BTNH = _attention(q_BTNH, k_BSKH, v_BSKH, mask_TS)
         return self.c_proj(y_BTNH.reshape(B, T, D)), kv
 
 
@@ -180,19 +181,21 @@ class GPT(nnx.Module):
 
     def _forward(self, idx_BT, cos_TF, sin_TF, cache=None):
         x_BTD = rms_norm(self.wte(idx_BT))
-        new_k, new_v = [], []
         for i, block in enumerate(self.h):
             kv = None if cache is None else (cache.k[i], cache.v[i], cache.pos)
             x_BTD, kv = block(x_BTD, cos_TF, sin_TF, kv)
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
+            if cache is not None:  # write only the T new positions (in place under donation)
+                start = (i, 0, cache.pos, 0, 0)
+                cache = cache.replace(
+                    k=jax.lax.dynamic_update_slice(cache.k, kv[0][None], start),
+                    v=jax.lax.dynamic_update_slice(cache.v, kv[1][None], start),
+                )
+        # nanochat applies the softcap in the autocast dtype, then casts the logits to fp32.
         logits_BTV = self.lm_head(rms_norm(x_BTD))
         logits_BTV = (SOFTCAP * jnp.tanh(logits_BTV / SOFTCAP)).astype(jnp.float32)
-        if cache is None:
-            return logits_BTV, None
-        T = idx_BT.shape[1]
-        return logits_BTV, KVCache(jnp.stack(new_k), jnp.stack(new_v), cache.pos + T)
+        if cache is not None:
+            cache = cache.replace(pos=cache.pos + idx_BT.shape[1])
+        return logits_BTV, cache
 
     def __call__(self, idx_BT, targets_BT=None, *, loss_reduction: str = "mean"):
         T = idx_BT.shape[1]
@@ -207,7 +210,11 @@ class GPT(nnx.Module):
         return cross_entropy(logits_BTV, targets_BT, loss_reduction)
 
     def forward_cached(self, idx_BT, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Run T new tokens at positions cache.pos.. against the cache; returns fp32 logits."""
+        """Run T new tokens at positions pos..pos+T-1 against the cache -> (fp32 logits, cache).
+
+        Static shapes, so it jits once per T; the caller keeps pos + T <= max_len (inside jit an
+        overflowing write cannot raise and would be clamped).
+        """
         T, S = idx_BT.shape[1], cache.k.shape[2]
         if T > S:
             raise ValueError(f"{T} new tokens do not fit a KV cache of length {S}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -176,6 +177,34 @@ def test_greedy_decode_matches_golden_engine():
     for name, logits_V in zip(names, steps_logits, strict=False):
         err = _max_err(logits_V, golden[name])
         assert err < 1e-4, f"{name} max abs error {err:.2e}"
+
+
+def test_greedy_decode_inside_fori_loop():
+    """forward_cached composes with jit + lax.fori_loop (how the engine drives it)."""
+    golden = _load_golden("gpt_tiny_kvcache")
+    model = from_nanochat_state_dict(_params(_load_golden("gpt_tiny_forward")), TINY1)
+    graphdef, state = nnx.split(model)
+    prompt = jnp.asarray(golden["prompt"], jnp.int32)[None, :]
+    num_new = 6
+
+    @jax.jit
+    def generate(state, prompt_BT):
+        model = nnx.merge(graphdef, state)
+        cache = KVCache.init(TINY1, batch_size=1, max_len=prompt_BT.shape[1] + num_new)
+        logits_BTV, cache = model.forward_cached(prompt_BT, cache)
+        tokens = jnp.zeros((num_new,), jnp.int32).at[0].set(jnp.argmax(logits_BTV[0, -1]))
+
+        def body(i, carry):
+            tokens, cache = carry
+            logits_BTV, cache = model.forward_cached(tokens[i - 1][None, None], cache)
+            return tokens.at[i].set(jnp.argmax(logits_BTV[0, -1])), cache
+
+        tokens, cache = jax.lax.fori_loop(1, num_new, body, (tokens, cache))
+        return tokens, cache.pos
+
+    tokens, pos = generate(state, prompt)
+    assert tokens.tolist() == golden["produced"][:num_new].tolist()
+    assert int(pos) == prompt.shape[1] + num_new - 1
 
 
 def test_kv_cache_rejects_oversize():
