@@ -1,13 +1,13 @@
 """Tokens/s of the pretraining data pipeline (parquet -> tokens -> (B, T) batches).
 
-    uv run python -m bench.bench_data [--tokenizer auto|project|tiktoken] [--seconds 20]
+    uv run python -m bench.bench_data [--tokenizer auto|project|trained|tiktoken] [--seconds 20]
 
 Reads the shards in <base_dir>/base_data (or --data-dir); with none there, writes offline demo
-shards into a temporary directory. The tokenizer is the project's trained one when it exists
-(`auto`), else tiktoken's cl100k_base (what nanochat encodes with) as a stand-in. Prints the
-pipeline's tokens/s next to the tokenizer's own tokens/s on the same documents, and the ratio:
-the pipeline should cost little beyond tokenising, and must outrun training (an 8xH100 d20 run
-consumes ~1.1M tokens/s).
+shards into a temporary directory. Tokenizer: `auto` = the project's trained one from the base
+dir, else `trained` = a project (bpe_rust) tokenizer trained on the bench data right away;
+`tiktoken` = cl100k_base, what nanochat encodes with, as a reference. Prints the pipeline's
+tokens/s next to the tokenizer's own tokens/s on the same documents: the pipeline should cost
+little beyond tokenising, and must outrun training (an 8xH100 d20 run consumes ~1.1M tokens/s).
 """
 
 from __future__ import annotations
@@ -38,23 +38,48 @@ class _TiktokenTokenizer:
         return [[prepend, *ids] for ids in batch] if prepend is not None else batch
 
 
-def _load_tokenizer(kind: str):
+def _train_tokenizer(data_dir: Path, vocab_size: int, max_chars: int = 4_000_000):
+    """A project tokenizer trained on the first max_chars of the train shards, as tok_train does
+    (documents capped at 10K chars)."""
+    from nanochat_jax import dataset
+    from nanochat_jax.tokenizer import Tokenizer
+
+    def texts():
+        seen = 0
+        for docs in dataset.parquets_iter_batched("train", data_dir=data_dir):
+            for doc in docs:
+                yield doc[:10_000]
+                seen += len(doc[:10_000])
+                if seen > max_chars:
+                    return
+
+    return Tokenizer.train_from_iterator(texts(), vocab_size)
+
+
+def _load_tokenizer(kind: str, data_dir: Path, vocab_size: int):
     if kind in ("auto", "project"):
         try:
             from nanochat_jax.tokenizer import get_tokenizer
 
-            return "project (bpe_rust)", get_tokenizer()
-        except Exception as e:  # no module yet, or no trained tokenizer in the base dir
+            return "project (bpe_rust, from the base dir)", get_tokenizer()
+        except Exception as e:  # no trained tokenizer in the base dir
             if kind == "project":
                 raise
-            print(f"project tokenizer unavailable ({e.__class__.__name__}: {e}); using tiktoken")
+            print(f"no trained tokenizer in the base dir ({e.__class__.__name__}); training one")
+            kind = "trained"
+    if kind == "trained":
+        tokenizer = _train_tokenizer(data_dir, vocab_size)
+        return f"project (bpe_rust, vocab {vocab_size} trained on the bench data)", tokenizer
     return "tiktoken cl100k_base (stand-in)", _TiktokenTokenizer()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokenizer", choices=["auto", "project", "tiktoken"], default="auto")
+    parser.add_argument(
+        "--tokenizer", choices=["auto", "project", "trained", "tiktoken"], default="auto"
+    )
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--vocab-size", type=int, default=32768, help="for --tokenizer trained")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--seconds", type=float, default=20.0)
@@ -73,7 +98,7 @@ def main() -> None:
             f"no shards in {dataset.get_data_dir(args.data_dir)}: writing demo shards to {data_dir}"
         )
         demo_data.write_demo_shards(demo_data.DemoDataConfig(3, 4_000_000), data_dir)
-    name, tokenizer = _load_tokenizer(args.tokenizer)
+    name, tokenizer = _load_tokenizer(args.tokenizer, data_dir, args.vocab_size)
     train_files = dataset.split_files("train", data_dir)
     print(
         f"cores: {os.cpu_count()} (load average {os.getloadavg()[0]:.1f}), tokenizer: {name}, "
