@@ -7,6 +7,7 @@ import io
 import socket
 import threading
 import time
+import urllib.error
 from collections import defaultdict
 from pathlib import Path
 
@@ -240,3 +241,12 @@ def test_missing_data_says_how_to_get_it(tmp_path):
     (tmp_path / shard_name(0)).write_bytes(_parquet_bytes(["a"]))
     with pytest.raises(ValueError, match="at least 2 shards"):
         dataset.split_files("train", tmp_path)
+
+
+def test_https_connections_are_built_with_both_timeouts():
+    with socket.socket() as s:  # a port nobody listens on: the TLS connection class is built
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    opener = dataset._make_opener(read_timeout_s=1.0)
+    with pytest.raises(urllib.error.URLError, match="refused"):
+        opener.open(f"https://127.0.0.1:{port}/shard_00000.parquet", timeout=1.0)
