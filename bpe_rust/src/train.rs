@@ -9,12 +9,13 @@
 //! the merge that creates one of its tokens, and it is pushed right after that merge, so every
 //! heap entry's count is >= the pair's current count. Popping until an entry is up to date thus
 //! yields the true maximum, and we are free to use different data structures as long as they
-//! keep that rule. Ours: chunks as spans of one flat token array merged in place, pair counts
-//! and word lists in plain vectors indexed by a dense pair id (byte pairs need no hashing),
-//! i64 counts, and a per-merge map for the few pairs that contain the new token.
+//! keep that rule. Ours: chunks as spans of one flat array merged in place, each position
+//! holding its token and the id of the pair it starts; pair counts and word lists in vectors
+//! indexed by that dense id; i64 counts. A pair that contains token `t` can only appear in the
+//! merge that creates `t`, so new pairs are found through a small per-merge table and the
+//! merge loop never hashes.
 
-use std::collections::BinaryHeap;
-
+use dary_heap::OctonaryHeap;
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 
@@ -88,9 +89,9 @@ impl PartialOrd for Job {
     }
 }
 
-/// Every pair ever seen, by dense id: byte pairs are ids `a * 256 + b`, later pairs follow.
+/// Every pair ever seen, by dense id: byte pairs are ids `a * 256 + b`, later pairs follow in
+/// order of creation.
 struct Pairs {
-    index: FxHashMap<u64, u32>,
     key: Vec<u64>,
     count: Vec<i64>,
     words: Vec<Vec<u32>>,
@@ -100,21 +101,11 @@ impl Pairs {
     fn new() -> Self {
         let n = 256 * 256;
         Pairs {
-            index: FxHashMap::default(),
             key: (0..n as u64)
                 .map(|i| pair_key((i >> 8) as u32, (i & 255) as u32))
                 .collect(),
             count: vec![0; n],
             words: vec![Vec::new(); n],
-        }
-    }
-
-    #[inline]
-    fn id(&self, a: u32, b: u32) -> u32 {
-        if a < 256 && b < 256 {
-            a * 256 + b
-        } else {
-            self.index[&pair_key(a, b)]
         }
     }
 
@@ -138,38 +129,91 @@ impl Pairs {
     }
 }
 
-/// Distinct chunks as spans of one flat token array; each shrinks in place as merges apply.
-struct Words {
-    tokens: Vec<u32>,
-    start: Vec<usize>,
-    len: Vec<u32>,
-    weight: Vec<i64>,
+/// The pairs `(x, new)` or `(new, y)` of the current merge, by the other token `x` / `y`: a
+/// dense table whose entries are valid only when stamped with the current merge.
+struct NewPairs {
+    stamp: Vec<u32>,
+    pair: Vec<u32>,
+}
+
+impl NewPairs {
+    fn new(n_tokens: usize) -> Self {
+        NewPairs {
+            stamp: vec![u32::MAX; n_tokens],
+            pair: vec![0; n_tokens],
+        }
+    }
+
+    /// The id of the pair with other token `t` in merge `merge`, created on first use.
+    #[inline]
+    fn get(&mut self, t: u32, merge: u32, create: impl FnOnce() -> u32) -> u32 {
+        let i = t as usize;
+        if self.stamp[i] != merge {
+            self.stamp[i] = merge;
+            self.pair[i] = create();
+        }
+        self.pair[i]
+    }
+}
+
+/// One position of a chunk: its token, and the id of the pair it starts (`NO_PAIR` at the
+/// end), so a merge never has to look a pair up. Together so that one cache miss brings both.
+#[derive(Clone, Copy)]
+struct Cell {
+    token: u32,
+    pair: u32,
+}
+
+const NO_PAIR: u32 = u32::MAX;
+
+/// A distinct chunk: its span of `cells` (which shrinks in place) and its count.
+struct Word {
+    start: usize,
+    weight: i64,
+    len: u32,
+}
+
+#[inline(always)]
+fn prefetch<T>(item: &T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching is a hint with no effect on memory; the pointer comes from a reference.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(item as *const T as *const i8);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = item;
 }
 
 /// Learns up to `num_merges` merges from chunk counts; fewer when no pair is left.
 pub fn learn_merges(counts: &FxHashMap<String, i64>, num_merges: usize) -> Vec<(u32, u32)> {
-    let mut words = Words {
-        tokens: Vec::new(),
-        start: Vec::new(),
-        len: Vec::new(),
-        weight: Vec::new(),
-    };
+    let mut cells: Vec<Cell> = Vec::new();
+    let mut words: Vec<Word> = Vec::new();
+    let mut pairs = Pairs::new();
     // Chunks of one byte can never take part in a merge.
     for (chunk, &n) in counts.iter().filter(|(c, _)| c.len() > 1) {
-        words.start.push(words.tokens.len());
-        words.len.push(chunk.len() as u32);
-        words.weight.push(n);
-        words.tokens.extend(chunk.bytes().map(u32::from));
-    }
-
-    let mut pairs = Pairs::new();
-    for w in 0..words.start.len() {
-        let span = &words.tokens[words.start[w]..words.start[w] + words.len[w] as usize];
-        for p in span.windows(2) {
-            pairs.bump(p[0] * 256 + p[1], words.weight[w], w as u32);
+        let w = words.len() as u32;
+        let bytes = chunk.as_bytes();
+        words.push(Word {
+            start: cells.len(),
+            weight: n,
+            len: bytes.len() as u32,
+        });
+        for (i, &byte) in bytes.iter().enumerate() {
+            let pair = match bytes.get(i + 1) {
+                Some(&next) => u32::from(byte) * 256 + u32::from(next),
+                None => NO_PAIR,
+            };
+            cells.push(Cell {
+                token: u32::from(byte),
+                pair,
+            });
+            if pair != NO_PAIR {
+                pairs.bump(pair, n, w);
+            }
         }
     }
-    let mut heap: BinaryHeap<Job> = (0..pairs.key.len() as u32)
+    let mut heap: OctonaryHeap<Job> = (0..pairs.key.len() as u32)
         .filter(|&p| pairs.count[p as usize] > 0)
         .map(|p| Job {
             count: pairs.count[p as usize],
@@ -178,10 +222,12 @@ pub fn learn_merges(counts: &FxHashMap<String, i64>, num_merges: usize) -> Vec<(
         })
         .collect();
 
+    // Each merge removes at least one token occurrence, which bounds the useful merge count.
+    let num_merges = num_merges.min(cells.len());
     let mut merges = Vec::with_capacity(num_merges);
-    // New pairs of the current merge, by their other token: (x, new) and (new, y).
-    let mut with_left: FxHashMap<u32, u32> = FxHashMap::default();
-    let mut with_right: FxHashMap<u32, u32> = FxHashMap::default();
+    let n_tokens = 256 + num_merges;
+    let mut with_left = NewPairs::new(n_tokens); // (x, new) by x
+    let mut with_right = NewPairs::new(n_tokens); // (new, y) by y
     let mut created: Vec<u32> = Vec::new();
     while merges.len() < num_merges {
         let Some(top) = heap.pop() else { break };
@@ -196,70 +242,76 @@ pub fn learn_merges(counts: &FxHashMap<String, i64>, num_merges: usize) -> Vec<(
             continue;
         }
         let (a, b) = ((top.key >> 32) as u32, top.key as u32);
-        let new = 256 + merges.len() as u32;
+        let merge = merges.len() as u32;
+        let new = 256 + merge;
         merges.push((a, b));
-        with_left.clear();
-        with_right.clear();
         created.clear();
 
         let word_list = std::mem::take(&mut pairs.words[top.pair as usize]);
-        for &w in &word_list {
-            let wi = w as usize;
-            let start = words.start[wi];
-            let len = words.len[wi] as usize;
-            let n = words.weight[wi];
-            let span = &mut words.tokens[start..start + len];
+        for (i, &w) in word_list.iter().enumerate() {
+            // The merge loop is bound by cache misses on words scattered in memory: ask for the
+            // word record a few steps ahead and for its cells a little later.
+            if let Some(&ahead) = word_list.get(i + 8) {
+                prefetch(&words[ahead as usize]);
+            }
+            if let Some(&ahead) = word_list.get(i + 4) {
+                prefetch(&cells[words[ahead as usize].start]);
+            }
+            let word = &mut words[w as usize];
+            let n = word.weight;
+            let len = word.len as usize;
+            let span = &mut cells[word.start..word.start + len];
             let (mut read, mut write) = (0, 0);
             while read < len {
-                if read + 1 < len && span[read] == a && span[read + 1] == b {
-                    if write > 0 {
-                        // The left neighbour as already rewritten, so it may be `new` itself.
-                        let x = span[write - 1];
-                        let old = if x == new {
-                            with_right[&a]
-                        } else {
-                            pairs.id(x, a)
-                        };
-                        pairs.count[old as usize] -= n;
-                        let id = *with_left.entry(x).or_insert_with(|| {
-                            let id = pairs.add(x, new);
-                            created.push(id);
-                            id
-                        });
-                        pairs.bump(id, n, w);
-                    }
-                    pairs.count[top.pair as usize] -= n;
-                    if read + 2 < len {
-                        let y = span[read + 2];
-                        let old = pairs.id(b, y);
-                        pairs.count[old as usize] -= n;
-                        let id = *with_right.entry(y).or_insert_with(|| {
-                            let id = pairs.add(new, y);
-                            created.push(id);
-                            id
-                        });
-                        pairs.bump(id, n, w);
-                    }
-                    span[write] = new;
-                    read += 2;
-                } else {
-                    span[write] = span[read];
+                let cell = span[read];
+                if cell.pair != top.pair {
+                    span[write] = cell;
                     read += 1;
+                    write += 1;
+                    continue;
                 }
+                if write > 0 {
+                    // (x, a) -> (x, new); x is the output so far, so it may be `new` itself.
+                    let left = &mut span[write - 1];
+                    let x = left.token;
+                    pairs.count[left.pair as usize] -= n;
+                    let id = with_left.get(x, merge, || {
+                        let id = pairs.add(x, new);
+                        created.push(id);
+                        id
+                    });
+                    pairs.bump(id, n, w);
+                    left.pair = id;
+                }
+                pairs.count[top.pair as usize] -= n;
+                let pair = if read + 2 < len {
+                    // (b, y) -> (new, y)
+                    let y = span[read + 2].token;
+                    pairs.count[span[read + 1].pair as usize] -= n;
+                    let id = with_right.get(y, merge, || {
+                        let id = pairs.add(new, y);
+                        created.push(id);
+                        id
+                    });
+                    pairs.bump(id, n, w);
+                    id
+                } else {
+                    NO_PAIR
+                };
+                span[write] = Cell { token: new, pair };
+                read += 2;
                 write += 1;
             }
-            words.len[wi] = write as u32;
+            word.len = write as u32;
         }
         debug_assert_eq!(pairs.count[top.pair as usize], 0);
 
         for &id in &created {
-            let key = pairs.key[id as usize];
-            pairs.index.insert(key, id);
             let count = pairs.count[id as usize];
             if count > 0 {
                 heap.push(Job {
                     count,
-                    key,
+                    key: pairs.key[id as usize],
                     pair: id,
                 });
             } else {
@@ -269,7 +321,6 @@ pub fn learn_merges(counts: &FxHashMap<String, i64>, num_merges: usize) -> Vec<(
     }
     merges
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
