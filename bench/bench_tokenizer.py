@@ -114,16 +114,28 @@ def bench_encoding(docs: list[str], tok: bpe_rust.Tokenizer, repeats: int) -> li
     return rows
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def report(args, docs, train, enc_rows) -> str:
     n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
         "## Tokenizer",
         "",
-        f"Date {datetime.date.today()}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores. Corpus: {len(docs)} docs, {n_bytes / 1e6:.1f} MB "
-        f"(golden tokenizer corpus grown with spliced words, seed 0), nanochat's split pattern. "
-        f"Command: `uv run python -m bench.bench_tokenizer --mb {args.mb} "
-        f"--vocab_size {args.vocab_size}`; best of {args.repeats}.",
+        f"`uv run python -m bench.bench_tokenizer --mb {args.mb:g} --vocab_size "
+        f"{args.vocab_size} --record` (`bench/bench_tokenizer.py`), {datetime.date.today()}, "
+        f"{_cpu_name()}, {os.cpu_count()} cores shared with other jobs (load average "
+        f"{load:.1f} at the end of the run), best of {args.repeats}.",
+        f"Corpus: {len(docs)} docs, {n_bytes / 1e6:.1f} MB: the golden tokenizer corpus grown with "
+        "spliced words (seed 0); nanochat's split pattern.",
         "",
         "| what | bpe_rust | reference | ratio |",
         "| --- | --- | --- | --- |",
@@ -137,6 +149,14 @@ def report(args, docs, train, enc_rows) -> str:
             f"tiktoken {tiktoken.__version__} {r['ref_mbs']:.1f} MB/s | "
             f"{r['ours_mbs'] / r['ref_mbs']:.2f}x the throughput |"
         )
+    train_ratio = train["ours_s"] / train["rustbpe_s"]
+    enc_ratio = min(r["ours_mbs"] / r["ref_mbs"] for r in enc_rows)
+    lines += [
+        "",
+        f"Targets: training <= 0.5x rustbpe's time: {'met' if train_ratio <= 0.5 else 'MISSED'} "
+        f"({train_ratio:.2f}x); encoding >= 1.5x tiktoken's throughput: "
+        f"{'met' if enc_ratio >= 1.5 else 'MISSED'} (>= {enc_ratio:.2f}x).",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -181,3 +181,14 @@ def test_tiktoken_and_hf_exports_encode_identically(tok, golden, tmp_path):
     assert enc.encode_ordinary_batch(texts) == ours
     assert [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)] == ours
     assert hf.decode(ours[0]) == texts[0]
+
+
+def test_core_render_rows(tok):
+    # core_render.json's token rows are BOS + encode(prompt) with this same tokenizer; the
+    # language-modelling task keeps only the row of its full (with continuation) prompt.
+    core = json.loads((GOLDEN / "core_render.json").read_text())
+    bos = tok.get_bos_token_id()
+    assert core["bos_token_id"] == bos
+    for name, task in core["tasks"].items():
+        prompts = task["prompts"][-1:] if name == "language_modeling" else task["prompts"]
+        assert tok.encode(prompts, prepend=bos) == task["tokens"], name
