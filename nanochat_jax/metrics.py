@@ -72,8 +72,10 @@ class MetricsWriter:
             from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._events = EventFileWriter(str(self.log_dir))
-            self._jsonl = open(self.log_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            self._events = EventFileWriter(str(self.log_dir), flush_secs=10)
+            # line-buffered: a killed run keeps every step it logged
+            path = self.log_dir / "metrics.jsonl"
+            self._jsonl = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

@@ -1,0 +1,111 @@
+"""What the stage scripts share: command-line plumbing, device set-up, model loading, samples."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nanochat_jax import checkpoint, sharding
+from nanochat_jax.common import get_logger
+from nanochat_jax.config import GPTConfig
+from nanochat_jax.model import GPT
+
+log = get_logger(__name__)
+
+# base_train / base_loss greedy-sample these every sample_every steps (nanochat's 7 prompts).
+SAMPLE_PROMPTS = (
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+)
+
+
+def setup_devices(mesh_spec: str) -> jax.sharding.Mesh:
+    """Multi-host start-up, GPU performance flags, then the mesh. Call before any JAX work."""
+    sharding.maybe_initialize_distributed()
+    if os.environ.get("JAX_PLATFORMS", "") != "cpu":
+        from nanochat_jax.train import configure_gpu_performance
+
+        configure_gpu_performance()
+    mesh = sharding.make_mesh(mesh_spec)
+    log.info("mesh %s on %d %s device(s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
+    return mesh
+
+
+def compute_dtype(name: str):
+    """'auto' = bf16 on GPU/TPU, fp32 on CPU (exact parity tests, and CPUs are slow at bf16)."""
+    if name == "auto":
+        return jnp.float32 if jax.devices()[0].platform == "cpu" else jnp.bfloat16
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {name!r}")
+    return jnp.dtype(name)
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One --flag per dataclass field, with nanochat's names and defaults (bools take 0/1)."""
+    for field in dataclasses.fields(config_cls):
+        default = field.default
+        kind = type(default)
+        if kind is bool:
+            parser.add_argument(f"--{field.name}", type=lambda v: bool(int(v)), default=default)
+        else:
+            parser.add_argument(f"--{field.name}", type=kind, default=default)
+
+
+def parse_config(config_cls: type, argv: list[str] | None, description: str):
+    parser = argparse.ArgumentParser(description=description)
+    add_dataclass_flags(parser, config_cls)
+    return config_cls(**vars(parser.parse_args(argv)))
+
+
+def load_model(
+    phase: str,
+    *,
+    model_tag: str | None = None,
+    step: int | None = None,
+    compute_dtype=jnp.float32,
+    base_dir: str | Path | None = None,
+) -> tuple[GPT, dict[str, Any]]:
+    """The GPT a stage (base|mid|sft|rl) saved, latest step unless `step`: (model, meta)."""
+    tag = model_tag or checkpoint.find_model_tag(phase, base_dir)
+    directory = checkpoint.checkpoint_dir(phase, tag, base_dir)
+
+    def target(meta: dict) -> Any:
+        config = GPTConfig.from_dict(meta["model_config"])
+        abstract = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
+        return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+
+    restored = checkpoint.load_params(directory, target, step=step)
+    config = GPTConfig.from_dict(restored.meta["model_config"])
+    model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), compute_dtype=compute_dtype))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    nnx.replace_by_pure_dict(params, restored.params)
+    log.info("loaded %s model %s step %d", phase, tag, restored.step)
+    return nnx.merge(graphdef, params, rest), restored.meta
+
+
+def sample_completions(model: GPT, tokenizer, max_tokens: int = 16) -> list[str]:
+    """Greedy continuations of SAMPLE_PROMPTS (each prefixed with <|bos|>), as nanochat prints."""
+    from nanochat_jax.engine import Engine
+
+    engine = Engine(model, tokenizer)
+    bos = tokenizer.get_bos_token_id()
+    texts = []
+    for prompt in SAMPLE_PROMPTS:
+        tokens = tokenizer.encode(prompt, prepend=bos)
+        results, _ = engine.generate_batch(
+            tokens, num_samples=1, max_tokens=max_tokens, temperature=0
+        )
+        texts.append(tokenizer.decode(results[0]))
+    return texts

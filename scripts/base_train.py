@@ -1,0 +1,311 @@
+"""Pretrain the base model (nanochat's scripts/base_train.py, in JAX).
+
+    python -m scripts.base_train --depth=20                      # one GPU / CPU
+    python -m scripts.base_train --depth=20 --mesh=8             # 8 GPUs, data parallel
+    python -m scripts.base_train --depth=32 --mesh=fsdp=8 --device_batch_size=8
+    python -m scripts.base_train ... --resume=1                  # continue from the last save
+
+Everything is derived from --depth (width 64*depth, heads of 128); the number of steps from
+--num_iterations, else --target_flops, else --target_param_data_ratio (Chinchilla's 20 tokens
+per parameter). Logs go to the console, to TensorBoard event files and metrics.jsonl under
+<base_dir>/runs/<model_tag>/base, and a report section at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from nanochat_jax import checkpoint, optim, report, sharding, stage, train
+from nanochat_jax.common import get_base_dir, get_logger
+from nanochat_jax.config import GPTConfig
+from nanochat_jax.dataloader import tokenizing_data_loader
+from nanochat_jax.loss_eval import evaluate_bpb
+from nanochat_jax.metrics import MetricsWriter, flops_per_token, mfu_percent, param_count
+from nanochat_jax.model import GPT
+from nanochat_jax.tokenizer import get_token_bytes, get_tokenizer
+
+log = get_logger("base_train")
+
+
+@dataclasses.dataclass
+class BaseTrainConfig:
+    run: str = "dummy"  # nanochat's wandb run name; kept for flag compatibility
+    depth: int = 20
+    max_seq_len: int = 2048
+    num_iterations: int = -1
+    target_flops: float = -1.0
+    target_param_data_ratio: int = 20
+    device_batch_size: int = 32
+    total_batch_size: int = 524288
+    embedding_lr: float = 0.2
+    unembedding_lr: float = 0.004
+    weight_decay: float = 0.0
+    matrix_lr: float = 0.02
+    grad_clip: float = 1.0
+    warmup_ratio: float = 0.0
+    warmdown_ratio: float = 0.2
+    final_lr_frac: float = 0.0
+    eval_every: int = 250
+    eval_tokens: int = 20 * 524288
+    core_metric_every: int = 2000
+    core_metric_max_per_task: int = 500
+    sample_every: int = 2000
+    model_tag: str = ""
+    # ours
+    mesh: str = "1"
+    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    resume: bool = False
+    save_every: int = -1  # also save every N steps (-1: only at the end)
+    keep_checkpoints: int = 2
+    seed: int = 0
+    log_every: int = 1
+
+
+def num_iterations(cfg: BaseTrainConfig, config: GPTConfig, num_params: int) -> int:
+    """nanochat's precedence: explicit steps, else a FLOPs budget, else a tokens:params ratio."""
+    if cfg.num_iterations > 0:
+        return cfg.num_iterations
+    if cfg.target_flops > 0:
+        return round(cfg.target_flops / (flops_per_token(config) * cfg.total_batch_size))
+    if cfg.target_param_data_ratio > 0:
+        return cfg.target_param_data_ratio * num_params // cfg.total_batch_size
+    raise ValueError("set one of --num_iterations, --target_flops, --target_param_data_ratio")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = stage.parse_config(BaseTrainConfig, argv, __doc__.split("\n\n")[0])
+    mesh = stage.setup_devices(cfg.mesh)
+    dtype = stage.compute_dtype(cfg.dtype)
+    base_dir = get_base_dir()
+
+    tokenizer = get_tokenizer()
+    token_bytes = get_token_bytes()
+    config = GPTConfig.from_depth(cfg.depth, tokenizer.get_vocab_size(), cfg.max_seq_len)
+    model_tag = cfg.model_tag or f"d{cfg.depth}"
+    num_params = param_count(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))))
+    steps_total = num_iterations(cfg, config, num_params)
+    dp = sharding.data_parallel_size(mesh)
+    accum = train.grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, dp)
+    flops_per_tok = flops_per_token(config)
+    log.info(
+        "%s: %d params, %.3e FLOPs/token, %d steps of %d tokens (%d micro-batches of %dx%d per "
+        "device, %d data-parallel devices), tokens:params %.2f",
+        model_tag,
+        num_params,
+        flops_per_tok,
+        steps_total,
+        cfg.total_batch_size,
+        accum,
+        cfg.device_batch_size,
+        cfg.max_seq_len,
+        dp,
+        steps_total * cfg.total_batch_size / num_params,
+    )
+
+    opt_cfg = optim.OptimConfig(
+        model_dim=config.n_embd,
+        embedding_lr=cfg.embedding_lr,
+        unembedding_lr=cfg.unembedding_lr,
+        matrix_lr=cfg.matrix_lr,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+    )
+    lr_schedule = optim.lr_multiplier_schedule(
+        steps_total, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac
+    )
+
+    def make_optimizer(params):
+        return optim.make_optimizer(params, opt_cfg, lr_schedule, optim.muon_momentum_schedule())
+
+    # Data: this process feeds the rows of its devices; one nanochat rank per data-parallel slot.
+    local_dp = dp // jax.process_count()
+    ranks = range(jax.process_index() * local_dp, (jax.process_index() + 1) * local_dp)
+    train_loader = tokenizing_data_loader(
+        tokenizer, cfg.device_batch_size, cfg.max_seq_len, "train", ranks=ranks, world_size=dp
+    )
+
+    ckpt_dir = checkpoint.checkpoint_dir("base", model_tag)
+    ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=cfg.keep_checkpoints)
+    start_step, restored = 0, None
+
+    def load(params_target, opt_target):
+        nonlocal restored
+        restored = ckpt.restore(params_target=params_target, opt_state_target=opt_target)
+        return restored.params, restored.opt_state
+
+    resuming = cfg.resume and ckpt.latest_step() is not None
+    if cfg.resume and not resuming:
+        log.info("--resume: no checkpoint in %s yet, starting from scratch", ckpt_dir)
+    state, optimizer = train.init_train_state(
+        config,
+        make_optimizer,
+        mesh,
+        seed=cfg.seed,
+        compute_dtype=dtype,
+        load=load if resuming else None,
+    )
+    if restored is not None:
+        saved = (restored.meta.get("num_iterations"), restored.meta["model_config"])
+        if saved != (steps_total, config.to_dict()):
+            sys.exit(
+                f"error: checkpoint step {restored.step} in {ckpt_dir} was made with another "
+                "model or number of iterations; rerun with the same flags, or without --resume"
+            )
+        train_loader.set_state(restored.data_state)
+        start_step = restored.step
+        log.info("resumed from step %d of %s", start_step, ckpt_dir)
+
+    step_fn = train.make_train_step(
+        state,
+        optimizer,
+        accum_steps=accum,
+        micro_batch_size=cfg.device_batch_size * dp,
+        sequence_len=cfg.max_seq_len,
+    )
+    writer = MetricsWriter(base_dir / "runs" / model_tag / "base")
+    eval_steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * dp))
+
+    def val_bpb() -> float:
+        loader = tokenizing_data_loader(
+            tokenizer, cfg.device_batch_size, cfg.max_seq_len, "val", ranks=ranks, world_size=dp
+        )
+        batches = (tuple(sharding.shard_batch(a, mesh) for a in batch) for batch in loader)
+        return evaluate_bpb(state.model(), batches, eval_steps, token_bytes)
+
+    def save(step: int, val: float | None) -> None:
+        meta = {
+            "step": step,
+            "val_bpb": val,
+            "model_config": config.to_dict(),
+            "user_config": dataclasses.asdict(cfg),
+            "device_batch_size": cfg.device_batch_size,
+            "max_seq_len": cfg.max_seq_len,
+            "num_iterations": steps_total,
+        }
+        ckpt.save(
+            step,
+            params=state.params,
+            opt_state=state.opt_state,
+            data_state=train_loader.get_state(),
+            meta=meta,
+        )
+
+    smooth_loss, min_val_bpb, val = 0.0, float("inf"), None
+    total_time_s, mfu, pending = 0.0, 0.0, None
+    t_last = time.perf_counter()
+
+    def log_step(step, metrics):
+        """Host-side logging of a finished step (called one step late: never blocks the device)."""
+        nonlocal smooth_loss, total_time_s, mfu, t_last
+        loss = float(metrics["loss"])
+        now = time.perf_counter()
+        dt = now - t_last
+        t_last = now
+        if not math.isfinite(loss):
+            sys.exit(f"error: loss is {loss} at step {step}; stopping (lower the lrs?)")
+        smooth_loss = 0.9 * smooth_loss + 0.1 * loss
+        debiased = smooth_loss / (1 - 0.9 ** (step - start_step + 1))
+        tokens_per_s = cfg.total_batch_size / dt
+        mfu = mfu_percent(tokens_per_s, flops_per_tok, num_devices=mesh.size)
+        if step > start_step + 10:
+            total_time_s += dt
+        lrm = float(lr_schedule(step))
+        done = step + 1 - start_step
+        eta_s = (steps_total - step - 1) * (total_time_s / max(1, done - 11)) if done > 11 else 0
+        if step % cfg.log_every == 0 or step == steps_total - 1:
+            print(
+                f"step {step:05d}/{steps_total:05d} ({100 * (step + 1) / steps_total:.2f}%) | "
+                f"loss: {debiased:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | "
+                f"tok/sec: {tokens_per_s:,.0f} | mfu: {mfu:.2f} | "
+                f"total time: {total_time_s / 60:.2f}m | eta: {eta_s / 60:.1f}m",
+                flush=True,
+            )
+        writer.scalars(
+            step,
+            {
+                "train/loss": loss,
+                "train/loss_smooth": debiased,
+                "train/lrm": lrm,
+                "train/dt": dt,
+                "train/tok_per_sec": tokens_per_s,
+                "train/mfu": mfu,
+                "train/grad_norm": float(metrics["grad_norm"]),
+            },
+        )
+
+    for step in range(start_step, steps_total + 1):
+        last_step = step == steps_total
+        if cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0):
+            if pending is not None:
+                log_step(*pending)
+                pending = None
+            val = val_bpb()
+            min_val_bpb = min(min_val_bpb, val)
+            print(f"step {step:05d} | validation bpb: {val:.4f}", flush=True)
+            writer.scalars(step, {"val/bpb": val})
+            t_last = time.perf_counter()
+        if cfg.sample_every > 0 and (last_step or (step > 0 and step % cfg.sample_every == 0)):
+            if pending is not None:
+                log_step(*pending)
+                pending = None
+            samples = stage.sample_completions(state.model(), tokenizer)
+            for text in samples:
+                print(text, flush=True)
+            writer.text(step, "samples", "\n\n".join(samples))
+            t_last = time.perf_counter()
+        if last_step or (cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0):
+            save(step, val)
+        if last_step:
+            break
+
+        micro = [next(train_loader) for _ in range(accum)]
+        inputs = train.place_batch(np.stack([m[0] for m in micro]), mesh)
+        targets = train.place_batch(np.stack([m[1] for m in micro]), mesh)
+        state.params, state.opt_state, metrics = step_fn(
+            state.params, state.opt_state, state.rest, inputs, targets
+        )
+        if pending is not None:
+            log_step(*pending)
+        pending = (step, metrics)
+    ckpt.close()
+    writer.close()
+
+    total_flops = flops_per_tok * cfg.total_batch_size * steps_total
+    report.log_section(
+        "Base model training",
+        [
+            dataclasses.asdict(cfg),
+            {
+                "Number of parameters": num_params,
+                "Number of FLOPs per token": f"{flops_per_tok:e}",
+                "Calculated number of iterations": steps_total,
+                "Number of training tokens": steps_total * cfg.total_batch_size,
+                "Tokens : Params ratio": steps_total * cfg.total_batch_size / num_params,
+                "DDP world size": dp,
+                "warmup_ratio": cfg.warmup_ratio,
+                "warmdown_ratio": cfg.warmdown_ratio,
+                "final_lr_frac": cfg.final_lr_frac,
+            },
+            {
+                "Minimum validation bpb": min_val_bpb,
+                "Final validation bpb": val,
+                "MFU %": f"{mfu:.2f}%",
+                "Total training flops": f"{total_flops:e}",
+                "Total training time": f"{total_time_s / 60:.2f}m",
+            },
+        ],
+    )
+    print(
+        f"Total training time: {total_time_s / 60:.2f}m; minimum validation bpb: {min_val_bpb:.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
