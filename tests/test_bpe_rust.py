@@ -156,6 +156,8 @@ def test_special_tokens_and_decode(trained):
         tok.decode([1016])
     with pytest.raises(ValueError, match="cannot decode id -1"):
         tok.decode([-1])
+    with pytest.raises(TypeError, match="sequence of int ids"):
+        tok.decode(["a"])
     with pytest.raises(ValueError, match="mergeable rank"):
         trained.with_special_tokens({"<|bos|>": 5})
 

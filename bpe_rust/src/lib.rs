@@ -350,7 +350,14 @@ impl Tokenizer {
     }
 
     /// The bytes of `ids` (mergeable or special); an unknown id is a ValueError.
-    fn decode<'py>(&self, py: Python<'py>, ids: Vec<i64>) -> PyResult<Bound<'py, PyBytes>> {
+    fn decode<'py>(
+        &self,
+        py: Python<'py>,
+        ids: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let ids: Vec<i64> = ids.extract().map_err(|e| {
+            PyTypeError::new_err(format!("decode takes a sequence of int ids: {e}"))
+        })?;
         let tokens = &self.encoder.vocab.tokens;
         let mut out = Vec::with_capacity(ids.len() * 4);
         for &id in &ids {
