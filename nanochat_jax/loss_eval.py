@@ -44,3 +44,33 @@ def evaluate_bpb(
     if total_bytes == 0:
         return float("inf")
     return total_nats / (math.log(2) * total_bytes)
+
+
+def unigram_bpb(
+    train_batches: Iterable[tuple],
+    val_batches: Iterable[tuple],
+    steps: int,
+    token_bytes: np.ndarray,
+) -> float:
+    """The bpb of the best context-free model: token frequencies counted on `steps` train
+    batches (add-one smoothed), scored on `steps` val batches with evaluate_bpb's byte rules.
+
+    A trained model that has learnt anything beyond word frequencies must beat it.
+    """
+    token_bytes = np.asarray(token_bytes)
+    counts = np.ones(len(token_bytes), dtype=np.float64)
+    train_iter, val_iter = iter(train_batches), iter(val_batches)
+    for _ in range(steps):
+        _, targets = next(train_iter)
+        targets = np.asarray(targets).ravel()
+        np.add.at(counts, targets[targets >= 0], 1)
+    log2_probs = np.log2(counts / counts.sum())
+    total_bits, total_bytes = 0.0, 0
+    for _ in range(steps):
+        _, targets = next(val_iter)
+        targets = np.asarray(targets).ravel()
+        targets = targets[targets >= 0]
+        num_bytes = token_bytes[targets]
+        total_bits -= log2_probs[targets][num_bytes > 0].sum()
+        total_bytes += int(num_bytes.sum())
+    return total_bits / total_bytes if total_bytes else float("inf")

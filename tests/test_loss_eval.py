@@ -30,3 +30,15 @@ def test_bpb_is_inf_without_counted_bytes():
     model = from_nanochat_state_dict(params, GPTConfig(**meta["model"]["config"]))
     ignored = np.full_like(data["y0"], -1)
     assert math.isinf(evaluate_bpb(model, [(data["x0"], ignored)], 1, data["token_bytes"]))
+
+
+def test_unigram_bpb_is_the_entropy_of_token_frequencies():
+    from nanochat_jax.loss_eval import unigram_bpb
+
+    token_bytes = np.array([0, 1, 2, 1])  # id 0 is a special token (0 bytes)
+    targets = np.array([[0, 1, 1, 2, 3, 3, 3, 3]])
+    batch = (targets, targets)
+    # counts with add-one: [2, 3, 2, 5] / 12; scored tokens 1,1,2,3,3,3,3 (bytes 1+1+2+4)
+    p = np.array([2, 3, 2, 5]) / 12
+    bits = -(2 * np.log2(p[1]) + np.log2(p[2]) + 4 * np.log2(p[3]))
+    assert np.isclose(unigram_bpb([batch], [batch], 1, token_bytes), bits / 8)
