@@ -15,6 +15,30 @@ const LONG_CHUNK_BYTES: usize = 128;
 /// The per-worker chunk cache is dropped when its arena grows past this many ids.
 const CACHE_MAX_IDS: usize = 1 << 22;
 
+/// A chunk of up to 7 bytes as one integer (its bytes, then its length in the top byte), so
+/// the hot lookups hash a u64 instead of a byte string.
+#[inline]
+fn short_key(b: &[u8]) -> Option<u64> {
+    let n = b.len();
+    // Two overlapping loads (no byte-by-byte copy, which would stall the read back).
+    let bytes = match n {
+        0 => 0,
+        1 => u64::from(b[0]),
+        2..=3 => {
+            let lo = u16::from_le_bytes([b[0], b[1]]) as u64;
+            let hi = u16::from_le_bytes([b[n - 2], b[n - 1]]) as u64;
+            lo | (hi << ((n - 2) * 8))
+        }
+        4..=7 => {
+            let lo = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64;
+            let hi = u32::from_le_bytes([b[n - 4], b[n - 3], b[n - 2], b[n - 1]]) as u64;
+            lo | (hi << ((n - 4) * 8))
+        }
+        _ => return None,
+    };
+    Some(bytes | ((n as u64) << 56))
+}
+
 #[inline]
 fn pair_key(a: u32, b: u32) -> u64 {
     ((a as u64) << 32) | b as u64
@@ -24,6 +48,8 @@ pub struct Vocab {
     /// Token bytes by id (= rank).
     pub tokens: Vec<Vec<u8>>,
     by_bytes: FxHashMap<Vec<u8>, u32>,
+    /// The tokens of at most 7 bytes again, by `short_key`: most chunks are that short.
+    short: FxHashMap<u64, u32>,
     byte_id: [u32; 256],
     /// (left id, right id) -> id of their concatenation, for every way a token splits into two
     /// tokens; that is all tiktoken's merge loop can ever use.
@@ -57,9 +83,15 @@ impl Vocab {
                 }
             }
         }
+        let short = tokens
+            .iter()
+            .enumerate()
+            .filter_map(|(id, t)| short_key(t).map(|k| (k, id as u32)))
+            .collect();
         Ok(Vocab {
             tokens,
             by_bytes,
+            short,
             byte_id,
             pair_id,
         })
@@ -197,7 +229,8 @@ pub struct Scratch {
 /// values live in one arena, so a hit costs a hash and a copy, never an allocation.
 #[derive(Default)]
 pub struct ChunkCache<'t> {
-    map: FxHashMap<&'t str, (u32, u32)>,
+    short: FxHashMap<u64, (u32, u32)>,
+    long: FxHashMap<&'t str, (u32, u32)>,
     arena: Vec<u32>,
     scratch: Scratch,
 }
@@ -223,23 +256,37 @@ impl Encoder {
                 out.push(vocab.byte_id[bytes[0] as usize]);
                 return;
             }
-            if let Some(&id) = vocab.by_bytes.get(bytes) {
+            let key = short_key(bytes);
+            let token = match key {
+                Some(k) => vocab.short.get(&k),
+                None => vocab.by_bytes.get(bytes),
+            };
+            if let Some(&id) = token {
                 out.push(id);
                 return;
             }
-            if let Some(&(start, len)) = cache.map.get(chunk) {
+            let cached = match key {
+                Some(k) => cache.short.get(&k),
+                None => cache.long.get(chunk),
+            };
+            if let Some(&(start, len)) = cached {
                 out.extend_from_slice(&cache.arena[start as usize..(start + len) as usize]);
                 return;
             }
             if cache.arena.len() > CACHE_MAX_IDS {
-                cache.map.clear();
+                cache.short.clear();
+                cache.long.clear();
                 cache.arena.clear();
             }
             let start = cache.arena.len();
             vocab.merge_chunk(bytes, &mut cache.scratch, &mut cache.arena);
             let ids = &cache.arena[start..];
             out.extend_from_slice(ids);
-            cache.map.insert(chunk, (start as u32, ids.len() as u32));
+            let span = (start as u32, ids.len() as u32);
+            match key {
+                Some(k) => cache.short.insert(k, span),
+                None => cache.long.insert(chunk, span),
+            };
         })
     }
 
@@ -313,6 +360,21 @@ mod tests {
             enc.vocab.merge_chunk_long(&piece, &mut long);
             assert_eq!(short, long);
         }
+    }
+
+    #[test]
+    fn short_keys_are_distinct() {
+        let pieces: [&[u8]; 9] = [
+            b"", b"\0", b"a", b"a\0", b"ab", b"abc", b"abcd", b"abcdefg", b"bcdefga",
+        ];
+        let keys: std::collections::HashSet<u64> =
+            pieces.iter().map(|p| short_key(p).unwrap()).collect();
+        assert_eq!(keys.len(), pieces.len());
+        assert_eq!(short_key(b"abcdefgh"), None);
+        assert_eq!(
+            short_key(b"abcdefg").unwrap() & 0xFF_FFFF_FFFF_FFFF,
+            u64::from_le_bytes(*b"abcdefg\0")
+        );
     }
 
     #[test]
