@@ -45,7 +45,8 @@ def _uv_command() -> list[str]:
 
 def ensure_env(gpu: bool = False, extras: tuple[str, ...] = ()) -> Path:
     """Create or refresh .venv with `uv sync` (also builds bpe_rust); return its python."""
-    cmd = _uv_command() + ["sync", "--frozen"]
+    # --inexact: keep packages of other extras (e.g. torch for the tests) that are installed
+    cmd = _uv_command() + ["sync", "--frozen", "--inexact"]
     for extra in ("gpu",) * gpu + tuple(extras):
         cmd += ["--extra", extra]
     _say("preparing the environment: " + " ".join(cmd))

@@ -11,5 +11,5 @@ import sys
 from run_speedrun import ROOT, ensure_env
 
 if __name__ == "__main__":
-    python = ensure_env()
+    python = ensure_env(extras=("torch",))  # torch: nanochat checkpoint import/export tests
     sys.exit(subprocess.run([str(python), "-m", "pytest", *sys.argv[1:]], cwd=ROOT).returncode)
