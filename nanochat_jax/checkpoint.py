@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,15 @@ import orbax.checkpoint as ocp
 from nanochat_jax.common import get_base_dir, get_logger
 
 log = get_logger(__name__)
+
+
+def _not_read_only_notice(record: logging.LogRecord) -> bool:
+    """Orbax warns about read-only managers every time; readers open them on purpose."""
+    message = record.getMessage()
+    return "read_only=True" not in message and "is read only" not in message
+
+
+logging.getLogger("absl").addFilter(_not_read_only_notice)
 
 PHASE_DIRS = {
     "base": "base_checkpoints",
