@@ -1,0 +1,67 @@
+"""The runner: stage order, flags, skipping finished stages, stopping at the first failure."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+import run_speedrun
+
+
+def _args(tmp_path, **kw):
+    defaults = dict(
+        preset="test", mesh="1", stages="", base_dir=str(tmp_path), force=False, resume=False
+    )
+    return argparse.Namespace(**{**defaults, **kw})
+
+
+def _preset(*stages):
+    return {"env": {"JAX_PLATFORMS": "cpu"}, "stage": list(stages)}
+
+
+DATA = {
+    "name": "data",
+    "module": "nanochat_jax.demo_data",
+    "args": {"num-shards": 2, "chars-per-shard": 20000},
+    "outputs": ["base_data/shard_00001.parquet"],
+}
+
+
+def test_every_preset_parses_and_names_real_modules():
+    for path in sorted(run_speedrun.CONFIG_DIR.glob("*.toml")):
+        preset = run_speedrun.load_preset(path.stem)
+        names = [s["name"] for s in preset["stage"]]
+        assert len(names) == len(set(names)), path
+        for stage in preset["stage"]:
+            assert run_speedrun._module_exists(stage["module"]), (path, stage["module"])
+
+
+def test_unknown_preset_and_stage_are_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="unknown preset 'nope'; known presets: .*demo"):
+        run_speedrun.load_preset("nope")
+    with pytest.raises(SystemExit, match="unknown stage"):
+        run_speedrun.run_stages(_preset(DATA), Path(sys.executable), _args(tmp_path, stages="x"))
+
+
+def test_flags():
+    assert run_speedrun._flags({"depth": 4, "resume": True, "off": False}) == [
+        "--depth=4",
+        "--resume",
+    ]
+
+
+def test_runs_then_skips_finished_stages(tmp_path, capsys):
+    run_speedrun.run_stages(_preset(DATA), Path(sys.executable), _args(tmp_path))
+    assert (tmp_path / "base_data" / "shard_00001.parquet").exists()
+    assert "stage data: done" in capsys.readouterr().out
+    run_speedrun.run_stages(_preset(DATA), Path(sys.executable), _args(tmp_path))
+    assert "stage data: outputs exist, skipping" in capsys.readouterr().out
+
+
+def test_stops_at_the_first_failure(tmp_path):
+    bad = {"name": "tok_train", "module": "scripts.tok_train", "args": {"vocab_size": 10}}
+    after = dict(DATA, name="after")
+    with pytest.raises(SystemExit, match="stage 'tok_train' failed with exit code"):
+        run_speedrun.run_stages(_preset(bad, after), Path(sys.executable), _args(tmp_path))
+    assert not (tmp_path / "base_data").exists() or not list((tmp_path / "base_data").iterdir())
