@@ -31,15 +31,21 @@ def _say(msg: str) -> None:
 
 
 def _uv_command() -> list[str]:
-    """How to call uv: on PATH, or as a module of this Python; pip-installed when missing."""
+    """How to call uv: on PATH, or as a module of this Python; pip-installed when missing.
+
+    Where pip may not install into this Python (PEP 668 system Pythons), uv goes into a small
+    private venv instead.
+    """
     if shutil.which("uv"):
         return ["uv"]
-    probe = subprocess.run([sys.executable, "-m", "uv", "--version"], capture_output=True)
-    if probe.returncode != 0:
+    if subprocess.run([sys.executable, "-m", "uv", "--version"], capture_output=True).returncode:
         _say("uv not found; installing it with pip")
-        install = [sys.executable, "-m", "pip", "install", "--quiet", "uv"]
-        if subprocess.run(install).returncode != 0:
-            subprocess.run(install + ["--user"], check=True)
+        pip = [sys.executable, "-m", "pip", "install", "--quiet", "uv"]
+        if subprocess.run(pip).returncode and subprocess.run(pip + ["--user"]).returncode:
+            venv = DEFAULT_BASE_DIR / "uv-venv"
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "uv"], check=True)
+            return [str(venv / "bin" / "uv")]
     return [sys.executable, "-m", "uv"]
 
 
