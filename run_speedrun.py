@@ -36,16 +36,19 @@ def _uv_command() -> list[str]:
     Where pip may not install into this Python (PEP 668 system Pythons), uv goes into a small
     private venv instead.
     """
+    private_uv = DEFAULT_BASE_DIR / "uv-venv" / "bin" / "uv"
     if shutil.which("uv"):
         return ["uv"]
+    if private_uv.exists():
+        return [str(private_uv)]
     if subprocess.run([sys.executable, "-m", "uv", "--version"], capture_output=True).returncode:
         _say("uv not found; installing it with pip")
         pip = [sys.executable, "-m", "pip", "install", "--quiet", "uv"]
         if subprocess.run(pip).returncode and subprocess.run(pip + ["--user"]).returncode:
-            venv = DEFAULT_BASE_DIR / "uv-venv"
+            venv = private_uv.parents[1]
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
             subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "uv"], check=True)
-            return [str(venv / "bin" / "uv")]
+            return [str(private_uv)]
     return [sys.executable, "-m", "uv"]
 
 
