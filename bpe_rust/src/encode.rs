@@ -5,6 +5,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::hash::BuildHasherDefault;
 
 use rustc_hash::FxHashMap;
 
@@ -14,6 +15,34 @@ use crate::pretok::Splitter;
 const LONG_CHUNK_BYTES: usize = 128;
 /// The per-worker chunk cache is dropped when its arena grows past this many ids.
 const CACHE_MAX_IDS: usize = 1 << 22;
+
+/// Hasher for the `short_key` maps. FxHash's multiply only carries low key bits upwards, and
+/// the bits hashbrown uses would ignore a chunk's last bytes (long probe chains for chunks that
+/// share a 5-byte prefix); this mixes every key bit into both the low and the top bits.
+#[derive(Default, Clone, Copy)]
+struct ShortKeyHasher(u64);
+
+impl std::hash::Hasher for ShortKeyHasher {
+    #[inline]
+    fn write_u64(&mut self, k: u64) {
+        let h = (k ^ (k >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        self.0 = h ^ (h >> 32);
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(self.0 ^ u64::from(b));
+        }
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A map keyed by `short_key`.
+type ShortMap<V> = std::collections::HashMap<u64, V, BuildHasherDefault<ShortKeyHasher>>;
 
 /// A chunk of up to 7 bytes as one integer (its bytes, then its length in the top byte), so
 /// the hot lookups hash a u64 instead of a byte string.
@@ -49,7 +78,7 @@ pub struct Vocab {
     pub tokens: Vec<Vec<u8>>,
     by_bytes: FxHashMap<Vec<u8>, u32>,
     /// The tokens of at most 7 bytes again, by `short_key`: most chunks are that short.
-    short: FxHashMap<u64, u32>,
+    short: ShortMap<u32>,
     byte_id: [u32; 256],
     /// (left id, right id) -> id of their concatenation, for every way a token splits into two
     /// tokens; that is all tiktoken's merge loop can ever use.
@@ -229,7 +258,7 @@ pub struct Scratch {
 /// values live in one arena, so a hit costs a hash and a copy, never an allocation.
 #[derive(Default)]
 pub struct ChunkCache<'t> {
-    short: FxHashMap<u64, (u32, u32)>,
+    short: ShortMap<(u32, u32)>,
     long: FxHashMap<&'t str, (u32, u32)>,
     arena: Vec<u32>,
     scratch: Scratch,
