@@ -32,14 +32,16 @@ _TEXT = (
 )
 
 
-def make_tiny_base(base_dir: Path, *, seed: int = 0) -> tuple[GPT, Tokenizer]:
+def make_tiny_base(
+    base_dir: Path, *, seed: int = 0, sequence_len: int = 64
+) -> tuple[GPT, Tokenizer]:
     """A trained ~300-token tokenizer in <base>/tokenizer and a random 1-layer GPT saved as
     base_checkpoints/d1 step 0 (weights drawn at a useful scale: nanochat zero-inits lm_head,
     which would make every greedy reply the same token)."""
     tokenizer = Tokenizer.train_from_iterator(iter([_TEXT * 20, _TEXT.upper() * 5]), 320)
     tokenizer.save(base_dir / "tokenizer")
     config = GPTConfig(
-        sequence_len=64,
+        sequence_len=sequence_len,
         vocab_size=tokenizer.get_vocab_size(),
         n_layer=1,
         n_head=2,
