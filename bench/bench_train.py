@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "backend": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind,
-        "jax": jax.__version__,
+        "jax_version": jax.__version__,
         "dtype": jnp.dtype(dtype).name,
         "mesh": dict(mesh.shape),
         "config": config.to_dict(),
