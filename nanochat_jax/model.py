@@ -169,9 +169,28 @@ class Block(nnx.Module):
         return x_BTD + self.mlp(rms_norm(x_BTD)), kv
 
 
+# Activation checkpointing of each block during training: "none" keeps every activation, "dots"
+# keeps only matmul outputs (recomputes norms, rotary, relu^2), "full" recomputes the whole block.
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
 class GPT(nnx.Module):
-    def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, compute_dtype=jnp.float32):
+    def __init__(
+        self,
+        config: GPTConfig,
+        *,
+        rngs: nnx.Rngs,
+        compute_dtype=jnp.float32,
+        remat: str = "none",
+    ):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
         self.config = config
+        self.remat = remat
         d, V = config.n_embd, config.vocab_size
         self.wte = nnx.Embed(V, d, dtype=compute_dtype, embedding_init=_embedding_init, rngs=rngs)
         self.h = nnx.List(
@@ -181,9 +200,12 @@ class GPT(nnx.Module):
 
     def _forward(self, idx_BT, cos_TF, sin_TF, cache=None):
         x_BTD = rms_norm(self.wte(idx_BT))
+        run_block = Block.__call__
+        if self.remat != "none" and cache is None:
+            run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.remat])
         for i, block in enumerate(self.h):
             kv = None if cache is None else (cache.k[i], cache.v[i], cache.pos)
-            x_BTD, kv = block(x_BTD, cos_TF, sin_TF, kv)
+            x_BTD, kv = run_block(block, x_BTD, cos_TF, sin_TF, kv)
             if cache is not None:  # write only the T new positions (in place under donation)
                 start = (i, 0, cache.pos, 0, 0)
                 cache = cache.replace(

@@ -84,6 +84,7 @@ def init_train_state(
     *,
     seed: int = 0,
     compute_dtype=jnp.float32,
+    remat: str = "none",
     load: Callable[[Any, Any], tuple[Any, Any]] | None = None,
 ) -> tuple[TrainState, optax.GradientTransformation]:
     """Model + optimizer state created directly in their shardings (no full copy on one device).
@@ -94,12 +95,13 @@ def init_train_state(
     checkpoint restore; opt_state may be None to start the optimizer afresh.
     """
 
-    def build():
-        return _split(GPT(config, rngs=nnx.Rngs(seed), compute_dtype=compute_dtype))
+    def make_model():
+        return GPT(config, rngs=nnx.Rngs(seed), compute_dtype=compute_dtype, remat=remat)
 
-    graphdef, abstract_params, abstract_rest = _split(
-        nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(seed), compute_dtype=compute_dtype))
-    )
+    def build():
+        return _split(make_model())
+
+    graphdef, abstract_params, abstract_rest = _split(nnx.eval_shape(make_model))
     optimizer = make_optimizer(abstract_params)
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
     param_shardings = sharding.tree_shardings(abstract_params, mesh)

@@ -61,6 +61,7 @@ class BaseTrainConfig:
     # ours
     mesh: str = "1"
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    remat: str = "none"  # activation checkpointing per block: none | dots | full
     resume: bool = False
     save_every: int = -1  # also save every N steps (-1: only at the end)
     keep_checkpoints: int = 2
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         mesh,
         seed=cfg.seed,
         compute_dtype=dtype,
+        remat=cfg.remat,
         load=load if resuming else None,
     )
     if restored is not None:

@@ -282,3 +282,19 @@ def test_too_long_sequence_raises():
     assert _logits(model, jnp.zeros((1, 20), jnp.int32)).shape == (1, 20, 8)
     with pytest.raises(ValueError, match="rotary"):
         _logits(model, jnp.zeros((1, 21), jnp.int32))
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_remat_changes_no_gradient(remat):
+    config = GPTConfig(sequence_len=16, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    rng = np.random.default_rng(0)
+    x, y = (jnp.asarray(rng.integers(0, 64, (2, 16))) for _ in range(2))
+
+    def grads(mode):
+        model = GPT(config, rngs=nnx.Rngs(0), remat=mode)
+        return jax.tree.leaves(nnx.state(nnx.jit(nnx.grad(lambda m: m(x, y)))(model)))
+
+    for a, b in zip(grads(remat), grads("none"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="remat must be one of"):
+        GPT(config, rngs=nnx.Rngs(0), remat="some")
