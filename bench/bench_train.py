@@ -189,8 +189,10 @@ def main(argv: list[str] | None = None) -> dict:
         "XLA_FLAGS", ""
     ):
         jax.config.update("jax_num_cpu_devices", num_devices)  # only the CPU backend reads it
+    # JAX's GPU allocator stops at 75% of the memory by default; torch's may take it all.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     if args.torch_nanochat:
-        # JAX would otherwise reserve 75% of the GPU at start-up, before nanochat's child runs.
+        # JAX would otherwise reserve that memory at start-up, before nanochat's child runs.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if args.attention == "xla":
         # model.py has no public switch yet; its chooser is looked up at trace time.

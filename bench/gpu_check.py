@@ -343,7 +343,9 @@ def _train_command(args, depth: int, batch: int, steps: int, json_name: str) -> 
 
 
 def _markdown(summary: dict) -> str:
-    rows = ["| what | status | s |", "| --- | --- | --- |"]
+    kinds = {t["device_kind"] for t in summary["train"].values()}
+    rows = [f"gpu_check {summary['date']}, device {', '.join(kinds) or '?'}", ""]
+    rows += ["| what | status | s |", "| --- | --- | --- |"]
     rows += [
         f"| {k} | {v['status']} | {v.get('seconds', '')} |" for k, v in summary["stages"].items()
     ]
