@@ -1,9 +1,9 @@
 """Training throughput: step time, tokens/s and MFU of the sharded train step, vs nanochat.
 
     uv run python -m bench.bench_train --depth 4 --mesh 8 [--device_batch_size B] [--seq_len T]
-        [--vocab_size V] [--accum A] [--steps N] [--dtype auto|bfloat16|float32]
-        [--peak_flops 989e12] [--accum-sweep] [--torch-nanochat PATH] [--torch-compile auto|0|1]
-        [--json OUT]
+        [--vocab_size V] [--accum A] [--steps N] [--warmup 2] [--dtype auto|bfloat16|float32]
+        [--remat none|dots|full] [--peak_flops 989e12] [--accum-sweep] [--attention auto|xla]
+        [--torch-nanochat PATH] [--torch-compile auto|0|1] [--json OUT]
 
 The model, optimizer and AOT-compiled step are built as scripts/base_train builds them (mesh,
 GPTConfig.from_depth, nanochat's optimizer groups and schedules, `init_train_state`,
@@ -21,6 +21,8 @@ with `jax_num_cpu_devices` when the mesh asks for more than one) finishes in sec
 --torch-nanochat PATH runs nanochat's own PyTorch GPT + optimizers (bench/torch_nanochat.py) in a
 child process first, on the same physical device with the same global shapes (one torch
 micro-batch = the mesh's whole micro-batch), then frees it before JAX takes the GPU's memory.
+The comparison is fair on one physical device (`--mesh 1` on a GPU); fake CPU devices share one
+CPU, so there the JAX MFU (divided by 8 "devices") means nothing.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
+    parser.add_argument("--remat", choices=["none", "dots", "full"], default="none")
     parser.add_argument("--peak_flops", type=float, default=H100_BF16_PEAK_FLOPS)
     parser.add_argument("--accum-sweep", action="store_true", help="also time accum 1, 2, 4")
     parser.add_argument("--torch-nanochat", metavar="PATH", help="a nanochat checkout")
@@ -82,7 +85,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="xla: never cuDNN attention (fallback if this CUDA build's cuDNN path breaks)",
     )
-    parser.add_argument("--json", metavar="OUT", help="write all figures here as JSON")
+    parser.add_argument("--json", metavar="OUT", help="write the figures here (also midway)")
     args = parser.parse_args(argv)
     for name in ("depth", "device_batch_size", "seq_len", "vocab_size", "accum", "steps"):
         value = getattr(args, name)
@@ -221,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": config.to_dict(),
         "device_batch_size": device_batch,
         "accum": args.accum,
+        "remat": args.remat,
         "flops_per_token": flops_per_tok,
         "peak_flops": args.peak_flops,
         "command": "python -m bench.bench_train " + " ".join(argv or sys.argv[1:]),
@@ -229,11 +233,25 @@ def main(argv: list[str] | None = None) -> dict:
         f"{report['backend']} ({report['device_kind']}) x{mesh.size}, mesh {dict(mesh.shape)}, "
         f"{report['dtype']} | depth {args.depth}: d={config.n_embd}, {config.n_head} heads, vocab "
         f"{vocab}, seq {seq_len} | {flops_per_tok:.3e} FLOPs/token | micro-batch {device_batch} "
-        f"x {dp} devices, accum {args.accum}",
+        f"x {dp} devices, accum {args.accum}, remat {args.remat}",
         flush=True,
     )
+    torch_result = None
     if args.torch_nanochat:
-        report["torch"] = _run_torch(args, vocab, seq_len, batch, report["dtype"])
+        torch_result = report["torch"] = _run_torch(args, vocab, seq_len, batch, report["dtype"])
+        if "error" in torch_result:
+            print(f"torch nanochat: {torch_result['error']}")
+            torch_result = None
+        else:
+            name = "torch (compiled)" if torch_result["compiled"] else "torch (eager)"
+            print(_rate_line(name, torch_result, flops_per_tok, args.peak_flops, 1), flush=True)
+            print(
+                f"torch {torch_result['torch']} on {torch_result['device']}: first step "
+                f"{torch_result['first_step_s']:.1f} s, nanochat's estimate_flops "
+                f"{torch_result['flops_per_token']:.3e}",
+                flush=True,
+            )
+        _save(report, args.json)  # kept if the JAX side then fails (e.g. out of memory)
 
     opt_cfg = optim.OptimConfig(model_dim=config.n_embd)
     lr_schedule = optim.lr_multiplier_schedule(10**6)  # the flat part, as early in a real run
@@ -242,7 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
         return optim.make_optimizer(params, opt_cfg, lr_schedule, optim.muon_momentum_schedule())
 
     start = time.perf_counter()
-    state, optimizer = train.init_train_state(config, make_optimizer, mesh, compute_dtype=dtype)
+    state, optimizer = train.init_train_state(
+        config, make_optimizer, mesh, compute_dtype=dtype, remat=args.remat
+    )
     jax.block_until_ready(state.params)
     report["init_s"] = time.perf_counter() - start
     timing = dict(batch=batch, seq_len=seq_len, vocab=vocab, counter=counter)
@@ -258,20 +278,10 @@ def main(argv: list[str] | None = None) -> dict:
         flush=True,
     )
     print(_rate_line("jax", jax_result, flops_per_tok, args.peak_flops, mesh.size))
-    torch_result = report.get("torch")
-    if torch_result and "error" not in torch_result:
-        compiled = "compiled" if torch_result["compiled"] else "eager"
-        name = f"torch ({compiled})"
-        print(_rate_line(name, torch_result, flops_per_tok, args.peak_flops, 1))
+    if torch_result:
         ratio = jax_result["tokens_per_s"] / torch_result["tokens_per_s"]
         report["jax_over_torch_tokens_per_s"] = ratio
-        print(
-            f"jax / torch nanochat tokens/s: {ratio:.3f}x (torch {torch_result['torch']} on "
-            f"{torch_result['device']}, first step {torch_result['first_step_s']:.1f} s, "
-            f"nanochat's estimate_flops {torch_result['flops_per_token']:.3e})"
-        )
-    elif torch_result:
-        print(f"torch nanochat: {torch_result['error']}")
+        print(f"jax / torch nanochat tokens/s: {ratio:.3f}x", flush=True)
     if args.accum_sweep:
         sweep = {}
         for accum in (1, 2, 4):
@@ -287,9 +297,13 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{result['compiles_after_warmup']}"
             )
         report["accum_sweep"] = sweep
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    _save(report, args.json)
     return report
+
+
+def _save(report: dict, path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
