@@ -398,10 +398,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             browser.open(url)
             browser.wait_for("document.getElementById('status').dataset.state === 'ready'")
-            for i, text in enumerate(args.messages):
-                browser.type_and_enter(text)
-                count = f"document.querySelectorAll('.msg, .note').length >= {2 * (i + 1)}"
-                browser.wait_for(f"{IDLE} && {count}", timeout_s=300)
+            count = "document.querySelectorAll('.msg, .note').length"
+            for text in args.messages:
+                before = browser.eval(count)
+                browser.type_and_enter(text)  # a reply starts synchronously: busy at once
+                browser.wait_for(f"{IDLE} && {count} > {before}", timeout_s=300)
             time.sleep(0.3)  # let the last paint settle
             browser.screenshot(args.screenshot)
         finally:
