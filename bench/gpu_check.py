@@ -14,12 +14,13 @@ Stages, each a child process with its own time limit, skipped when the overall b
    picks and whether the compiled train step holds cuDNN's kernel; one train step of a random
    depth-4 model in bf16 on the accelerator vs the same step in fp32 on the CPU (and fp32 at
    "highest" matmul precision, a tighter check); Engine greedy decode vs the full forward.
-4. bench_train d20, then d12 (with --accum-sweep): JAX vs nanochat PyTorch (--nanochat) at
-   nanochat's device batch 32 x 2048; a JAX out-of-memory is retried once with --remat=dots.
+4. bench_train d20, then d12: JAX vs nanochat PyTorch (--nanochat) at nanochat's device batch
+   32 x 2048; a JAX out-of-memory is retried once with --remat=dots; then d12 --accum-sweep.
 5. bench_engine decode speed (if bench/bench_engine.py exists).
 
 Outputs in --out (default $OUT): gpu_check.log (everything printed), gpu_check.json (all
-figures), gpu_check.md (summary tables), smoke.json, train_d20.json, train_d12.json.
+figures), gpu_check.md (summary tables), smoke.json, train_d20.json, train_d12.json,
+train_d12_accum_sweep.json (7 files: the device tool brings back at most 8).
 """
 
 from __future__ import annotations
@@ -328,14 +329,14 @@ def _install_wheels(runner: _Runner, wheels: Path) -> None:
         runner.env["PYTHONPATH"] = SITE + (os.pathsep + old if old else "")
 
 
-def _train_command(args, depth: int, batch: int, steps: int, json_name: str) -> list[str]:
+def _train_command(args, depth: int, batch: int, steps: int, json_name: str, torch: bool):
     command = [sys.executable, "-m", "bench.bench_train", f"--depth={depth}", "--mesh=1"]
     command += [f"--steps={steps}", f"--json={args.out / json_name}"]
     if args.dry_run:
         command += ["--device_batch_size=2", "--seq_len=128", "--vocab_size=4096"]
     else:
         command += [f"--device_batch_size={batch}", "--seq_len=2048", "--vocab_size=65536"]
-    if (ROOT / args.nanochat / "nanochat" / "gpt.py").exists():
+    if torch and (ROOT / args.nanochat / "nanochat" / "gpt.py").exists():
         command += [f"--torch-nanochat={ROOT / args.nanochat}"]
     if args.attention_fallback:
         command += ["--attention=xla"]
@@ -390,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=os.environ.get("OUT", "/tmp/gpu_check"))
     parser.add_argument("--nanochat", default=".nanochat_ref", help="nanochat checkout (in repo)")
     parser.add_argument("--wheels", type=Path, default=ROOT / ".whl")
-    parser.add_argument("--budget_s", type=float, default=None, help="default 450 (GPU), 1500")
+    parser.add_argument("--budget_s", type=float, default=None, help="default 460 (GPU), 1500")
     parser.add_argument("--dry-run", action="store_true", help="CPU rehearsal with tiny shapes")
     parser.add_argument("--force-wheels", action="store_true", help="install wheels regardless")
     parser.add_argument("--smoke", action="store_true", help="(child) run only the smoke checks")
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if smoke(args.json)["passed"] else 1)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    runner = _Runner(args.out, args.budget_s or (1500 if args.dry_run else 450))
+    runner = _Runner(args.out, args.budget_s or (1500 if args.dry_run else 460))
     py = sys.executable
     if not args.dry_run:
         runner.run("nvidia-smi", ["nvidia-smi"], 20)
@@ -418,16 +419,21 @@ def main(argv: list[str] | None = None) -> None:
     args.attention_fallback = (summary["smoke"] or {}).get("attention", {}).get(
         "cudnn_runs"
     ) is False
-    # name, depth, batch, timed steps, time limit, least time worth starting with
-    plans = [("d20", 20, 32, 8, 200, 150), ("d12", 12, 32, 10, 150, 90)]
+    # name, depth, batch, timed steps, time limit, least time worth starting, vs torch, sweep
+    plans = [
+        ("d20", 20, 32, 8, 240, 150, True, False),
+        ("d12", 12, 32, 10, 150, 90, True, False),
+        ("d12_accum_sweep", 12, 32, 5, 120, 75, False, True),
+    ]
     if args.dry_run:
-        plans = [("d20", 4, 2, 2, 300, 0), ("d12", 2, 2, 2, 300, 0)]
-    for name, depth, batch, steps, limit, min_s in plans:
-        command = _train_command(args, depth, batch, steps, f"train_{name}.json")
-        if name == "d12":
-            command.append("--accum-sweep")
-        result = runner.run(f"bench_train {name}", command, limit, min_s)
+        plans = [
+            (name, depth // 5, 2, 2, 300, 0, *rest) for name, depth, _, _, _, _, *rest in plans
+        ]
+    for name, depth, batch, steps, limit, min_s, torch, sweep in plans:
         path = args.out / f"train_{name}.json"
+        command = _train_command(args, depth, batch, steps, path.name, torch)
+        command += ["--accum-sweep"] if sweep else []
+        result = runner.run(f"bench_train {name}", command, limit, min_s)
         first = json.loads(path.read_text()) if path.exists() else {}
         if result["status"].startswith("exit") and result.get("oom"):
             # same shapes with activation checkpointing; nanochat's figures from the first try
@@ -442,15 +448,21 @@ def main(argv: list[str] | None = None) -> None:
                 path.write_text(json.dumps(again, indent=1) + "\n")
         if path.exists() and "jax" in json.loads(path.read_text()):
             summary["train"][name] = json.loads(path.read_text())
+        _write_summary(args.out, summary)
     if (ROOT / "bench" / "bench_engine.py").exists():
         # the naive baseline compiles once per 16 tokens: keep the token count modest
         shape = ["--depth=2", "--tokens=16"] if args.dry_run else ["--depth=20", "--tokens=128"]
         command = [py, "-m", "bench.bench_engine", *shape, "--vocab=65536", "--batch", "1", "8"]
         runner.run("bench_engine", [*command, "--repeats=2", "--no-tool"], 120, 45)
-    (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (args.out / "gpu_check.md").write_text(_markdown(summary))
+    _write_summary(args.out, summary)
     runner.say(_markdown(summary))
     runner.say(f"done: {runner.left_s():.0f} s of the budget left; files in {args.out}")
+
+
+def _write_summary(out: Path, summary: dict) -> None:
+    """Rewritten after every stage, so a run cut short still leaves its figures."""
+    (out / "gpu_check.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "gpu_check.md").write_text(_markdown(summary))
 
 
 if __name__ == "__main__":
