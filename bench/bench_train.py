@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -107,7 +108,8 @@ def _time_jax(state, optimizer, *, accum, batch, seq_len, vocab, steps, warmup, 
         state, optimizer, accum_steps=accum, micro_batch_size=batch, sequence_len=seq_len
     )
     compile_s = time.perf_counter() - start
-    cudnn_attention = "cudnn$fmha" in (step_fn.as_text() or "")  # cuDNN's custom-call target
+    # cuDNN attention shows as a custom call such as __cudnn$fmhaSoftmax in the compiled HLO
+    cudnn_attention = bool(re.search(r"cudnn\$\w*(fmha|flash|sdpa)", step_fn.as_text() or "", re.I))
     rng = np.random.default_rng(0)
     batches = [
         tuple(

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -108,6 +109,11 @@ def _attention_check() -> dict:
         return out
     try:
         value, grads = loss_and_grads("cudnn")
+        attend = functools.partial(
+            jax.nn.dot_product_attention, is_causal=True, implementation="cudnn"
+        )
+        hlo = jax.jit(attend).lower(q, k, v).compile().as_text() or ""
+        out["cudnn_custom_calls"] = sorted(set(re.findall(r"__cudnn\$\w+", hlo)))
         out["cudnn_runs"] = True
         out["cudnn_loss_rel_diff"] = float(abs(value - reference[0]) / abs(reference[0]))
         out["cudnn_grad_max_abs_diff"] = max(
