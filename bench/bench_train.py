@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nanochat_jax import model as model_module
 from nanochat_jax import optim, sharding, stage, train
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.metrics import H100_BF16_PEAK_FLOPS, flops_per_token, mfu_percent
@@ -200,10 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         # JAX would otherwise reserve that memory at start-up, before nanochat's child runs.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     if args.attention == "xla":
-        # model.py has no public switch yet; its chooser is looked up at trace time.
-        model_module._attention_impl = lambda dtype, masked: (
-            "xla" if jax.default_backend() == "gpu" else None
-        )
+        os.environ["NANOCHAT_JAX_ATTENTION"] = "xla"  # read by model.py at trace time
     counter = _CompileCounter()
     mesh = stage.setup_devices(args.mesh)
     dtype = stage.compute_dtype(args.dtype)

@@ -8,6 +8,7 @@ D model dim, N query heads, K kv heads, H head dim, F = H/2 rotary frequencies, 
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -55,10 +56,16 @@ def _apply_rotary(x_BTNH: jax.Array, cos_TF: jax.Array, sin_TF: jax.Array) -> ja
 
 
 def _attention_impl(dtype: jnp.dtype, masked: bool) -> str | None:
-    """cuDNN flash attention on GPU for the bf16/fp16 causal path; XLA otherwise."""
+    """cuDNN flash attention on GPU for the bf16/fp16 causal path; XLA otherwise.
+
+    NANOCHAT_JAX_ATTENTION=xla forces XLA's attention on GPU (e.g. a cuDNN build that fails).
+    """
     if jax.default_backend() != "gpu":
         return None
-    if masked or dtype not in (jnp.bfloat16, jnp.float16):
+    forced = os.environ.get("NANOCHAT_JAX_ATTENTION", "auto")
+    if forced not in ("auto", "xla"):
+        raise ValueError(f"NANOCHAT_JAX_ATTENTION must be auto or xla, got {forced!r}")
+    if forced == "xla" or masked or dtype not in (jnp.bfloat16, jnp.float16):
         return "xla"
     return "cudnn"
 

@@ -35,10 +35,15 @@ _GPU_XLA_FLAGS = (
 
 
 def configure_gpu_performance() -> None:
-    """Append the GPU XLA flags (idempotent). Call before the first JAX computation."""
+    """Append the GPU XLA flags (idempotent). Call before the first JAX computation.
+
+    Also lets JAX take 92% of GPU memory instead of its default 75% (nanochat's batch sizes were
+    tuned to fill an 80 GB card), unless the user set XLA_PYTHON_CLIENT_MEM_FRACTION.
+    """
     current = os.environ.get("XLA_FLAGS", "")
     extra = [f for f in _GPU_XLA_FLAGS if f.split("=")[0] not in current]
     os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
 
 def grad_accum_steps(
