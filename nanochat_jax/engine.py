@@ -21,10 +21,11 @@ Tool use. A row that emits `<|python_end|>` stops the loop after that step; the 
 nanochat's per-row state machine on the streamed tokens, evaluates the expression with
 `use_calculator`, and queues `<|output_start|>` + encode(str(result)) + `<|output_end|>` in the
 row's on-device forced-token buffer; the loop then resumes and feeds forced tokens (mask 0) before
-sampling again. The alternative, a host callback inside the loop, would serialise the device on
-every step's check anyway, and the calculator cannot run in XLA. Measured on CPU (bench, depth 4):
-one tool round trip costs about as much as 1-3 decode steps and happens a few times per answer,
-so the loop itself stays free of host work (see bench/RESULTS.md, section Engine).
+sampling again. The calculator cannot run in XLA, so the alternative is a host callback inside the
+loop, which blocks every step on the host. Measured on the 2-core CPU (bench/bench_engine.py,
+depth 4, batch 1): a tool call costs 0.2-0.4 ms (loop exit, sync, calculator, re-dispatch), about
+0.15 of a decode step, a few times per answer; paying a host round trip on every step instead
+(streaming one step per call) cut throughput from 788 to 552 tokens/s.
 
 Streaming. `generate` dispatches the next chunk of `stream_chunk` steps before reading the
 current one (JAX dispatch is asynchronous), so the host's work of handing out tokens overlaps the
@@ -270,15 +271,20 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.broadcast_first_token = broadcast_first_token
         graphdef, params = nnx.split(model)
-        if compute_dtype is not None and jnp.dtype(compute_dtype) != _compute_dtype(model):
+        model_dtype = _compute_dtype(model)
+        self.compute_dtype = jnp.dtype(compute_dtype or model_dtype)
+        if self.compute_dtype != model_dtype:
             model_type, config = type(model), model.config
             shell = nnx.eval_shape(
-                lambda: model_type(config, rngs=nnx.Rngs(0), compute_dtype=compute_dtype)
+                lambda: model_type(config, rngs=nnx.Rngs(0), compute_dtype=self.compute_dtype)
             )
             graphdef = nnx.graphdef(shell)
+        if self.compute_dtype != jnp.float32:
+            # The matmuls cast every weight to the compute dtype anyway: do it once, not per step.
             floats = lambda x: jnp.issubdtype(x.dtype, jnp.floating)  # noqa: E731
-            params = jax.tree.map(lambda x: x.astype(compute_dtype) if floats(x) else x, params)
-        self.compute_dtype = jnp.dtype(compute_dtype or _compute_dtype(model))
+            params = jax.tree.map(
+                lambda x: x.astype(self.compute_dtype) if floats(x) else x, params
+            )
         self._graphdef, self._params = graphdef, params
         self._traces = 0
         self._prefill = jax.jit(
