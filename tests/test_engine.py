@@ -1,5 +1,8 @@
 """Engine: golden greedy parity, KV-cached logits, buckets, sampling, stops, tool use, calculator.
 
+Measured on CPU (jax 0.10.2, fp32), tiny model 1: produced ids identical to nanochat's Engine;
+cached logits vs golden: prefill 4.3e-6, decode steps 1-3 3.8e-6 / 4.5e-6 / 3.8e-6; cached vs our
+full forward over all 20 steps 5.3e-6 (the golden README saw 5.4e-6 in PyTorch), so 1e-4 holds.
 Engines are module fixtures: each compiles once per shape and the tests reuse them.
 """
 
@@ -175,16 +178,21 @@ def test_chunked_prefill_equals_one_shot(tiny_model):
 # ---- buckets, sampling -----------------------------------------------------------------------
 
 
-def test_prompts_in_one_bucket_reuse_the_compiled_code(engine):
+def test_prompts_in_one_bucket_reuse_the_compiled_code(tiny_model):
+    engine = Engine(tiny_model, StubTokenizer(512))  # fresh: counts only this test's compiles
     rng = np.random.default_rng(1)
-    engine.generate_batch(rng.integers(0, 512, 3).tolist(), max_tokens=8, temperature=0.0)
-    before = engine.num_compilations
-    for n in (5, 9, 12):  # prompt bucket 16, cache bucket 32 (n + 8 <= 32)
-        results, _ = engine.generate_batch(rng.integers(0, 512, n).tolist(), max_tokens=8,
-                                           temperature=0.0)  # fmt: skip
-        assert len(results[0]) == n + 8
-    list(engine.generate(rng.integers(0, 512, 7).tolist(), max_tokens=4, temperature=0.0))
-    assert engine.num_compilations == before
+    prompts = [rng.integers(0, 512, n).tolist() for n in (10, 9, 12, 15, 11, 20)]
+    engine.generate_batch(prompts[0], max_tokens=10, temperature=0.0)
+    assert engine.num_compilations == 2  # prefill and decode
+    for prompt in prompts[1:4]:  # prompt bucket 16, cache bucket 32 (n + 10 <= 32)
+        results, _ = engine.generate_batch(prompt, max_tokens=10, temperature=0.0)
+        assert len(results[0]) == len(prompt) + 10
+    assert len(list(engine.generate(prompts[4], max_tokens=12, temperature=0.0))) == 12
+    assert engine.num_compilations == 2
+    engine.generate_batch(prompts[5], max_tokens=10, temperature=0.0)  # prompt bucket 32
+    assert engine.num_compilations == 3, "a new prompt bucket compiles only the prefill"
+    engine.generate_batch(prompts[0], max_tokens=30, temperature=0.0)  # cache bucket 64
+    assert engine.num_compilations == 5
 
 
 def test_sampling_is_reproducible_and_rows_differ(engine):
