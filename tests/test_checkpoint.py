@@ -286,10 +286,10 @@ def _killed_save_child(directory: str) -> None:
 def test_killed_async_save_never_yields_a_damaged_step(tmp_path):
     code = f"from tests.test_checkpoint import _killed_save_child as f; f({str(tmp_path)!r})"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
-    leftovers = list(tmp_path.glob("000002.orbax-checkpoint-tmp*"))
     with Checkpointer(tmp_path) as ckpt:
+        # killed before, during or after writing step 2 (its tmp dir may not even exist yet)
         steps = ckpt.all_steps()
-        assert (steps == [1] and leftovers) or steps == [1, 2], (steps, leftovers)
+        assert steps in ([1], [1, 2]), steps
         if steps == [1]:
             restored = ckpt.restore(params_target=_abstract(_params()))
             _assert_equal(restored.params, _host(_params(1.0)))
