@@ -175,6 +175,15 @@ def test_chunked_prefill_equals_one_shot(tiny_model):
     )
 
 
+def test_generate_streams_while_decoding(tiny_model):
+    eng, calls = _recording_engine(tiny_model, prefill_chunk=512)
+    forwards_seen = [len(calls) for _ in eng.generate(list(range(1, 11)), max_tokens=40)]
+    assert len(forwards_seen) == 40
+    # Column k is handed out while at most one speculative step beyond it has run (prefill + k
+    # decodes + 1), not after the whole 40-step loop.
+    assert all(seen <= k + 2 for k, seen in enumerate(forwards_seen)), forwards_seen
+
+
 # ---- buckets, sampling -----------------------------------------------------------------------
 
 
