@@ -92,7 +92,7 @@ def _attention_check() -> dict:
 
     from nanochat_jax import model
 
-    out = {"model_picks": model._attention_impl(jnp.bfloat16, False) or "xla (not on GPU)"}
+    out = {"model_picks": model._attention_impl(jnp.bfloat16) or "xla (not on GPU)"}
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     q, k, v = (jax.random.normal(key, (2, 512, 4, 128), jnp.bfloat16) for key in keys)
 

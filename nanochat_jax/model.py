@@ -55,8 +55,8 @@ def _apply_rotary(x_BTNH: jax.Array, cos_TF: jax.Array, sin_TF: jax.Array) -> ja
     return jnp.concatenate([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], -1).astype(x_BTNH.dtype)
 
 
-def _attention_impl(dtype: jnp.dtype, masked: bool) -> str | None:
-    """cuDNN flash attention on GPU for the bf16/fp16 causal path; XLA otherwise.
+def _attention_impl(dtype: jnp.dtype) -> str | None:
+    """cuDNN flash attention on GPU for bf16/fp16; XLA otherwise (None: JAX's default on CPU).
 
     NANOCHAT_JAX_ATTENTION=xla forces XLA's attention on GPU (e.g. a cuDNN build that fails).
     """
@@ -65,26 +65,22 @@ def _attention_impl(dtype: jnp.dtype, masked: bool) -> str | None:
     forced = os.environ.get("NANOCHAT_JAX_ATTENTION", "auto")
     if forced not in ("auto", "xla"):
         raise ValueError(f"NANOCHAT_JAX_ATTENTION must be auto or xla, got {forced!r}")
-    if forced == "xla" or masked or dtype not in (jnp.bfloat16, jnp.float16):
+    if forced == "xla" or dtype not in (jnp.bfloat16, jnp.float16):
         return "xla"
     return "cudnn"
 
 
-def _attention(
-    q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_TS: jax.Array | None = None
-) -> jax.Array:
-    impl = _attention_impl(q_BTNH.dtype, mask_TS is not None)
+def _causal_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array) -> jax.Array:
+    """Training / uncached forward: causal attention, GQA handled by dot_product_attention."""
+    impl = _attention_impl(q_BTNH.dtype)
     if impl == "cudnn":
         try:
             return jax.nn.dot_product_attention(
-                q_BTNH, k_BSKH, v_BSKH, is_causal=True, implementation="cudnn"
+                q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation="cudnn"
             )
         except (ValueError, NotImplementedError, RuntimeError):
             impl = "xla"  # a shape cuDNN does not support (checked while tracing)
-    mask = None if mask_TS is None else mask_TS[None, None]
-    return jax.nn.dot_product_attention(
-        q_BTNH, k_BSKH, v_BSKH, mask=mask, is_causal=mask is None, implementation=impl
-    )
+    return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True, implementation=impl)
 
 
 def _linear_init(key, shape, dtype=jnp.float32):
@@ -108,8 +104,8 @@ def _linear(d_in: int, d_out: int, rngs: nnx.Rngs, dtype, zero: bool = False) ->
 class KVCache:
     """Fixed-size functional KV cache: `pos` positions of every layer are filled."""
 
-    k: jax.Array  # (L, B, S, K, H)
-    v: jax.Array  # (L, B, S, K, H)
+    k: jax.Array  # (L, B, K, S, H): per head, positions contiguous for the decode matmuls
+    v: jax.Array  # (L, B, K, S, H)
     pos: jax.Array  # int32 scalar
 
     @classmethod
@@ -119,7 +115,7 @@ class KVCache:
                 f"KV cache max_len must be in [1, {config.rotary_seq_len}] (10 * sequence_len, "
                 f"nanochat's rotary table size), got {max_len}"
             )
-        shape = (config.n_layer, batch_size, max_len, config.n_kv_head, config.head_dim)
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
@@ -141,19 +137,35 @@ class CausalSelfAttention(nnx.Module):
         q_BTNH = rms_norm(_apply_rotary(q_BTNH, cos_TF, sin_TF))
         k_BTKH = rms_norm(_apply_rotary(k_BTKH, cos_TF, sin_TF))
         if kv is None:
-            y_BTNH = _attention(q_BTNH, k_BTKH, v_BTKH)
+            y_BTNH = _causal_attention(q_BTNH, k_BTKH, v_BTKH)
         else:
-            # Attend over the cache with the T new positions written at `pos`: each query sees
-            # every key at or before its own position (prefix + causal), which covers prefill,
-            # chunked prefill and decode. The caller stores (k, v) into its cache.
-            k_BSKH, v_BSKH, pos = kv
-            start = (0, pos, 0, 0)
-            kv = (k_BTKH.astype(k_BSKH.dtype), v_BTKH.astype(v_BSKH.dtype))
-            k_BSKH = jax.lax.dynamic_update_slice(k_BSKH, kv[0], start).astype(q_BTNH.dtype)
-            v_BSKH = jax.lax.dynamic_update_slice(v_BSKH, kv[1], start).astype(q_BTNH.dtype)
-            mask_TS = jnp.arange(k_BSKH.shape[1])[None, :] <= pos + jnp.arange(T)[:, None]
-            y_BTNH = _attention(q_BTNH, k_BSKH, v_BSKH, mask_TS)
+            y_BTNH, kv = self._cached_attention(q_BTNH, k_BTKH, v_BTKH, *kv)
         return self.c_proj(y_BTNH.reshape(B, T, D)), kv
+
+    def _cached_attention(self, q_BTNH, k_BTKH, v_BTKH, k_LBKSH, v_LBKSH, pos, layer):
+        """Write the T new positions of this layer into the (donated) stacked cache at `pos`,
+        then attend over it: each query sees every key at or before its own position (prefix +
+        causal), which covers prefill, chunked prefill and decode. Writing first and reading the
+        layer back from the updated array lets XLA update the cache in place; the einsums over
+        kv-head groups avoid materialising repeated K/V for GQA."""
+        B, T, N, H = q_BTNH.shape
+        start = (layer, 0, 0, pos, 0)
+        new_k = k_BTKH.swapaxes(1, 2).astype(k_LBKSH.dtype)[None]
+        new_v = v_BTKH.swapaxes(1, 2).astype(v_LBKSH.dtype)[None]
+        k_LBKSH = jax.lax.dynamic_update_slice(k_LBKSH, new_k, start)
+        v_LBKSH = jax.lax.dynamic_update_slice(v_LBKSH, new_v, start)
+        k_BKSH = k_LBKSH[layer].astype(q_BTNH.dtype)
+        v_BKSH = v_LBKSH[layer].astype(q_BTNH.dtype)
+        K, S = k_BKSH.shape[1], k_BKSH.shape[2]
+        q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+        scores_BKGTS = jnp.einsum(
+            "btkgh,bksh->bkgts", q_BTKGH, k_BKSH, preferred_element_type=jnp.float32
+        ) / math.sqrt(H)
+        mask_TS = jnp.arange(S)[None, :] <= pos + jnp.arange(T)[:, None]
+        scores_BKGTS = jnp.where(mask_TS, scores_BKGTS, -jnp.inf)
+        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BKSH.dtype)
+        y_BTKGH = jnp.einsum("bkgts,bksh->btkgh", probs_BKGTS, v_BKSH)
+        return y_BTKGH.reshape(B, T, N, H), (k_LBKSH, v_LBKSH)
 
 
 class MLP(nnx.Module):
@@ -211,14 +223,10 @@ class GPT(nnx.Module):
         if self.remat != "none" and cache is None:
             run_block = nnx.remat(run_block, policy=REMAT_POLICIES[self.remat])
         for i, block in enumerate(self.h):
-            kv = None if cache is None else (cache.k[i], cache.v[i], cache.pos)
+            kv = None if cache is None else (cache.k, cache.v, cache.pos, i)
             x_BTD, kv = run_block(block, x_BTD, cos_TF, sin_TF, kv)
-            if cache is not None:  # write only the T new positions (in place under donation)
-                start = (i, 0, cache.pos, 0, 0)
-                cache = cache.replace(
-                    k=jax.lax.dynamic_update_slice(cache.k, kv[0][None], start),
-                    v=jax.lax.dynamic_update_slice(cache.v, kv[1][None], start),
-                )
+            if cache is not None:
+                cache = cache.replace(k=kv[0], v=kv[1])
         # nanochat applies the softcap in the autocast dtype, then casts the logits to fp32.
         logits_BTV = self.lm_head(rms_norm(x_BTD))
         logits_BTV = (SOFTCAP * jnp.tanh(logits_BTV / SOFTCAP)).astype(jnp.float32)
@@ -244,7 +252,7 @@ class GPT(nnx.Module):
         Static shapes, so it jits once per T; the caller keeps pos + T <= max_len (inside jit an
         overflowing write cannot raise and would be clamped).
         """
-        T, S = idx_BT.shape[1], cache.k.shape[2]
+        T, S = idx_BT.shape[1], cache.k.shape[3]
         if T > S:
             raise ValueError(f"{T} new tokens do not fit a KV cache of length {S}")
         cos_SF, sin_SF = rotary_cos_sin(S, self.config.head_dim)
