@@ -40,21 +40,11 @@ from flax import nnx
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.engine import Engine, sample_next_token
 from nanochat_jax.model import GPT
+from nanochat_jax.tokenizer import SPECIAL_TOKENS as SPECIAL_NAMES
 
 PROMPT_LEN = 16
 NAIVE_BUCKET = 16
 TEMPERATURE, TOP_K = 1.0, 50
-SPECIAL_NAMES = (
-    "<|bos|>",
-    "<|user_start|>",
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
-    "<|python_start|>",
-    "<|python_end|>",
-    "<|output_start|>",
-    "<|output_end|>",
-)
 
 
 class _StubTokenizer:

@@ -22,20 +22,10 @@ from nanochat_jax.config import GPTConfig
 from nanochat_jax.convert import from_nanochat_state_dict
 from nanochat_jax.engine import Engine, sample_next_token, use_calculator
 from nanochat_jax.model import KVCache
+from nanochat_jax.tokenizer import SPECIAL_TOKENS as SPECIAL_NAMES
 
 GOLDEN = Path(__file__).parent / "golden"
 TINY1 = GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=128)
-SPECIAL_NAMES = [
-    "<|bos|>",
-    "<|user_start|>",
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
-    "<|python_start|>",
-    "<|python_end|>",
-    "<|output_start|>",
-    "<|output_end|>",
-]
 LOGITS_ATOL = 1e-4
 
 
