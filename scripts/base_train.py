@@ -27,7 +27,13 @@ from nanochat_jax.common import get_base_dir, get_logger
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.dataloader import tokenizing_data_loader
 from nanochat_jax.loss_eval import evaluate_bpb
-from nanochat_jax.metrics import MetricsWriter, flops_per_token, mfu_percent, param_count
+from nanochat_jax.metrics import (
+    H100_BF16_PEAK_FLOPS,
+    MetricsWriter,
+    flops_per_token,
+    mfu_percent,
+    param_count,
+)
 from nanochat_jax.model import GPT
 from nanochat_jax.tokenizer import get_token_bytes, get_tokenizer
 
@@ -67,6 +73,7 @@ class BaseTrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     log_every: int = 1
+    peak_flops: float = H100_BF16_PEAK_FLOPS  # per device, the MFU denominator (nanochat: H100)
 
 
 def num_iterations(cfg: BaseTrainConfig, config: GPTConfig, num_params: int) -> int:
@@ -215,7 +222,9 @@ def main(argv: list[str] | None = None) -> None:
         smooth_loss = 0.9 * smooth_loss + 0.1 * loss
         debiased = smooth_loss / (1 - 0.9 ** (step - start_step + 1))
         tokens_per_s = cfg.total_batch_size / dt
-        mfu = mfu_percent(tokens_per_s, flops_per_tok, num_devices=mesh.size)
+        mfu = mfu_percent(
+            tokens_per_s, flops_per_tok, num_devices=mesh.size, peak_flops_per_device=cfg.peak_flops
+        )
         if step > start_step + 10:
             total_time_s += dt
         lrm = float(lr_schedule(step))
