@@ -253,25 +253,29 @@ def main(argv: list[str] | None = None) -> None:
 
     for step in range(start_step, steps_total + 1):
         last_step = step == steps_total
-        if cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0):
-            if pending is not None:
-                log_step(*pending)
-                pending = None
+        do_eval = cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0)
+        do_sample = cfg.sample_every > 0 and (
+            last_step or (step > 0 and step % cfg.sample_every == 0)
+        )
+        do_save = last_step or (
+            cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0
+        )
+        if pending is not None and (do_eval or do_sample or do_save):
+            log_step(*pending)  # the host is about to wait for the device anyway
+            pending = None
+        if do_eval:
             val = val_bpb()
             min_val_bpb = min(min_val_bpb, val)
             print(f"step {step:05d} | validation bpb: {val:.4f}", flush=True)
             writer.scalars(step, {"val/bpb": val})
-            t_last = time.perf_counter()
-        if cfg.sample_every > 0 and (last_step or (step > 0 and step % cfg.sample_every == 0)):
-            if pending is not None:
-                log_step(*pending)
-                pending = None
+        if do_sample:
             samples = stage.sample_completions(state.model(), tokenizer)
             for text in samples:
                 print(text, flush=True)
             writer.text(step, "samples", "\n\n".join(samples))
-            t_last = time.perf_counter()
-        if last_step or (cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0):
+        if do_eval or do_sample:
+            t_last = time.perf_counter()  # evaluation time is not training time
+        if do_save:
             save(step, val)
         if last_step:
             break

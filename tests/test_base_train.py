@@ -125,3 +125,11 @@ def test_resume_with_other_flags_is_refused(reference):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert "another model or number of iterations" in out
+
+
+def test_every_step_is_logged_without_evals(base_dir, tmp_path):
+    base = _copy_inputs(base_dir, tmp_path / "noeval")
+    proc = _start(base, "--num_iterations=3", "--eval_every=-1")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert sorted(_losses(base)) == [0, 1, 2]  # the last step's metrics are read one step late
