@@ -25,6 +25,9 @@ from nanochat_jax.tokenizer import Tokenizer, get_tokenizer
 
 log = get_logger("chat_cli")
 
+# Without -i, the most trained model that exists, in this order.
+AUTO_SOURCE_ORDER = ("sft", "rl", "mid", "base")
+
 # The script that writes each phase's checkpoints, for "no model" messages.
 PHASE_SCRIPTS = {
     "base": "scripts.base_train",
@@ -37,7 +40,11 @@ PHASE_SCRIPTS = {
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """The flags that choose a checkpoint, shared with chat_web (nanochat's names)."""
     parser.add_argument(
-        "-i", "--source", default="sft", choices=list(PHASE_SCRIPTS), help="model phase to load"
+        "-i",
+        "--source",
+        default=None,
+        choices=list(PHASE_SCRIPTS),
+        help="model phase to load (default: the most trained that exists: sft, rl, mid, base)",
     )
     parser.add_argument(
         "-g", "--model-tag", default=None, help="model tag, e.g. d20 (default: largest)"
@@ -56,6 +63,14 @@ def load_chat_model(args: argparse.Namespace) -> tuple[GPT, Tokenizer, dict]:
     """(model, tokenizer, meta) for the checkpoint the flags name; SystemExit with a clear
     message (which phases do exist, which script makes the missing one) when there is none."""
     phases_present = [p for p in PHASE_SCRIPTS if _tags(p)]
+    if args.source is None:
+        if not phases_present:
+            raise SystemExit(
+                "error: no trained model yet; run `python run_speedrun.py` (the CPU demo) or "
+                "`python -m scripts.base_train`"
+            )
+        args.source = next(p for p in AUTO_SOURCE_ORDER if p in phases_present)
+        log.info("no -i given: chatting with the %s model", args.source)
     if args.source not in phases_present:
         hint = f"train one with `python -m {PHASE_SCRIPTS[args.source]}`"
         if phases_present:

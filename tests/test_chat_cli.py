@@ -208,7 +208,7 @@ def test_stream_text_holds_back_split_characters():
 
 def test_missing_phase_says_which_exist_and_how_to_make_it(base_env, capsys):
     with pytest.raises(SystemExit) as e:
-        chat_cli.main(["-p", "hi"])  # default source: sft, which this base dir does not have
+        chat_cli.main(["-i", "sft", "-p", "hi"])  # this base dir has only a base model
     message = str(e.value)
     assert "no sft checkpoint" in message
     assert "python -m scripts.chat_sft" in message
@@ -225,3 +225,17 @@ def test_bad_flags_are_refused(base_env, capsys):
         with pytest.raises(SystemExit) as e:
             chat_cli.main(argv)
         assert e.value.code == 2
+
+
+def test_without_source_the_most_trained_model_is_used(base_env, capsys):
+    _, engine, tokenizer = base_env
+    bos = tokenizer.get_bos_token_id()
+    expected = greedy_reply(engine, tokenizer, [bos, *user_turn(tokenizer, "hello")], MAX_TOKENS)
+    assert chat_cli.main(["-p", "hello", "-t", "0", "--max-tokens", str(MAX_TOKENS)]) == 0
+    assert capsys.readouterr().out == expected + "\n"  # only a base model exists here
+
+
+def test_no_model_at_all_says_how_to_make_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(tmp_path))
+    with pytest.raises(SystemExit, match="no trained model yet; run `python run_speedrun.py`"):
+        chat_cli.main(["-p", "hi"])

@@ -370,7 +370,7 @@ def test_chat_web_flags_are_checked(tiny, monkeypatch):
             chat_web.main(["-i", "base", *argv])
         assert e.value.code == 2
     with pytest.raises(SystemExit, match="no sft checkpoint"):
-        chat_web.main([])
+        chat_web.main(["-i", "sft"])
 
 
 # ---- the real model -------------------------------------------------------------------------
