@@ -53,12 +53,21 @@ def compute_dtype(name: str):
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """One --flag per dataclass field, with nanochat's names and defaults (bools take 0/1)."""
+    """One --flag per dataclass field, with nanochat's names and defaults.
+
+    Bools take --flag=1/0 like nanochat's configurator, and a bare --flag means 1.
+    """
     for field in dataclasses.fields(config_cls):
         default = field.default
         kind = type(default)
         if kind is bool:
-            parser.add_argument(f"--{field.name}", type=lambda v: bool(int(v)), default=default)
+            parser.add_argument(
+                f"--{field.name}",
+                type=lambda v: bool(int(v)),
+                nargs="?",
+                const=True,
+                default=default,
+            )
         else:
             parser.add_argument(f"--{field.name}", type=kind, default=default)
 

@@ -65,3 +65,17 @@ def test_stops_at_the_first_failure(tmp_path):
     with pytest.raises(SystemExit, match="stage 'tok_train' failed with exit code"):
         run_speedrun.run_stages(_preset(bad, after), Path(sys.executable), _args(tmp_path))
     assert not (tmp_path / "base_data").exists() or not list((tmp_path / "base_data").iterdir())
+
+
+def test_runner_flags_parse_in_the_stage_scripts():
+    """What the runner passes (`--resume`, `--depth=4`) is what the stage scripts accept."""
+    import dataclasses
+
+    from nanochat_jax import stage
+    from scripts.base_train import BaseTrainConfig
+
+    flags = run_speedrun._flags({"depth": 4, "resume": True}) + ["--mesh=data=2,fsdp=4"]
+    cfg = stage.parse_config(BaseTrainConfig, flags, "test")
+    assert (cfg.depth, cfg.resume, cfg.mesh) == (4, True, "data=2,fsdp=4")
+    assert stage.parse_config(BaseTrainConfig, ["--resume=0"], "test").resume is False
+    assert dataclasses.asdict(stage.parse_config(BaseTrainConfig, [], "test"))["resume"] is False
