@@ -85,10 +85,24 @@ def checkpoint_dir(phase: str, model_tag: str, base_dir: str | Path | None = Non
     return base / PHASE_DIRS[phase] / model_tag
 
 
+def list_model_tags(phase: str, base_dir: str | Path | None = None) -> list[str]:
+    """Tags of a phase holding at least one finished step (a run that died before its first save
+    leaves an empty directory, which must not be picked)."""
+    parent = checkpoint_dir(phase, "_", base_dir).parent
+    if not parent.is_dir():
+        return []
+    step_dir = re.compile(rf"\d{{{_STEP_DIGITS}}}")
+    return sorted(
+        p.name
+        for p in parent.iterdir()
+        if p.is_dir() and any(s.is_dir() and step_dir.fullmatch(s.name) for s in p.iterdir())
+    )
+
+
 def find_model_tag(phase: str, base_dir: str | Path | None = None) -> str:
     """The tag to load when none is given: the largest dN, else the newest directory (nanochat)."""
     parent = checkpoint_dir(phase, "_", base_dir).parent
-    tags = [p for p in parent.iterdir() if p.is_dir()] if parent.is_dir() else []
+    tags = [parent / tag for tag in list_model_tags(phase, base_dir)]
     if not tags:
         raise FileNotFoundError(f"no checkpoints in {parent}: run the {phase} stage first")
     depths = {int(m.group(1)): p.name for p in tags if (m := re.fullmatch(r"d(\d+)", p.name))}

@@ -62,7 +62,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 def load_chat_model(args: argparse.Namespace) -> tuple[GPT, Tokenizer, dict]:
     """(model, tokenizer, meta) for the checkpoint the flags name; SystemExit with a clear
     message (which phases do exist, which script makes the missing one) when there is none."""
-    phases_present = [p for p in PHASE_SCRIPTS if _tags(p)]
+    phases_present = [p for p in PHASE_SCRIPTS if checkpoint.list_model_tags(p)]
     if args.source is None:
         if not phases_present:
             raise SystemExit(
@@ -78,10 +78,10 @@ def load_chat_model(args: argparse.Namespace) -> tuple[GPT, Tokenizer, dict]:
             hint += f", or chat with a model that exists: {others}"
         where = checkpoint.checkpoint_dir(args.source, "_").parent
         raise SystemExit(f"error: no {args.source} checkpoint in {where}; {hint}")
-    if args.model_tag is not None and args.model_tag not in _tags(args.source):
+    if args.model_tag is not None and args.model_tag not in checkpoint.list_model_tags(args.source):
         raise SystemExit(
             f"error: no {args.source} model tagged {args.model_tag!r}; "
-            f"available: {', '.join(_tags(args.source))}"
+            f"available: {', '.join(checkpoint.list_model_tags(args.source))}"
         )
     try:
         tokenizer = get_tokenizer()
@@ -99,11 +99,6 @@ def load_chat_model(args: argparse.Namespace) -> tuple[GPT, Tokenizer, dict]:
             f"tokenizer's ({tokenizer.get_vocab_size()}): they come from different runs"
         )
     return model, tokenizer, meta
-
-
-def _tags(phase: str) -> list[str]:
-    parent = checkpoint.checkpoint_dir(phase, "_").parent
-    return sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
 
 
 def stream_text(

@@ -22,6 +22,7 @@ from nanochat_jax.checkpoint import (
     CheckpointError,
     checkpoint_dir,
     find_model_tag,
+    list_model_tags,
     load_params,
     read_meta,
 )
@@ -309,10 +310,12 @@ def test_find_model_tag_and_checkpoint_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         find_model_tag("mid", tmp_path)
     for tag in ("d8", "d20", "d3", "d100x", "mine"):
-        checkpoint_dir("mid", tag, tmp_path).mkdir(parents=True)
-    assert find_model_tag("mid", tmp_path) == "d20"  # numerically largest, not "d8"
+        (checkpoint_dir("mid", tag, tmp_path) / "000010").mkdir(parents=True)
+    checkpoint_dir("mid", "d50", tmp_path).mkdir()  # a run that died before its first save
+    assert list_model_tags("mid", tmp_path) == ["d100x", "d20", "d3", "d8", "mine"]
+    assert find_model_tag("mid", tmp_path) == "d20"  # numerically largest, not "d8" nor "d50"
     for tag in ("old", "new"):
-        checkpoint_dir("base", tag, tmp_path).mkdir(parents=True)
+        (checkpoint_dir("base", tag, tmp_path) / "000001").mkdir(parents=True)
         time.sleep(0.01)
     os.utime(checkpoint_dir("base", "new", tmp_path))
     assert find_model_tag("base", tmp_path) == "new"  # no dN: most recently modified
