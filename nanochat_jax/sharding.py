@@ -118,6 +118,15 @@ def tree_shardings(tree, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def abstract_on_mesh(tree, mesh: Mesh):
+    """jax.ShapeDtypeStructs of a tree's leaves carrying their rule shardings: restore targets."""
+    return jax.tree.map(
+        lambda leaf, s: jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=s),
+        tree,
+        tree_shardings(tree, mesh),
+    )
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """(B, ...) arrays: rows split over the data-parallel axes."""
     return NamedSharding(mesh, P(BATCH_AXES))

@@ -85,15 +85,21 @@ def load_model(
     step: int | None = None,
     compute_dtype=jnp.float32,
     base_dir: str | Path | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[GPT, dict[str, Any]]:
-    """The GPT a stage (base|mid|sft|rl) saved, latest step unless `step`: (model, meta)."""
+    """The GPT a stage (base|mid|sft|rl) saved, latest step unless `step`: (model, meta).
+
+    With a mesh, the parameters are restored straight into their shardings on it (so batches
+    sharded over the mesh can meet them); without, onto the first device.
+    """
     tag = model_tag or checkpoint.find_model_tag(phase, base_dir)
     directory = checkpoint.checkpoint_dir(phase, tag, base_dir)
 
     def target(meta: dict) -> Any:
         config = GPTConfig.from_dict(meta["model_config"])
         abstract = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
-        return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+        params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+        return params if mesh is None else sharding.abstract_on_mesh(params, mesh)
 
     restored = checkpoint.load_params(directory, target, step=step)
     config = GPTConfig.from_dict(restored.meta["model_config"])

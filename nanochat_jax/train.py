@@ -124,19 +124,13 @@ def init_train_state(
         params, opt_state = init()
     else:
         params, opt_state = load(
-            _with_shardings(abstract_params, param_shardings),
-            _with_shardings(abstract_opt, opt_shardings),
+            sharding.abstract_on_mesh(abstract_params, mesh),
+            sharding.abstract_on_mesh(abstract_opt, mesh),
         )
         if opt_state is None:
             opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
     state = TrainState(graphdef, params, rest, opt_state, mesh, param_shardings, opt_shardings)
     return state, optimizer
-
-
-def _with_shardings(abstract, shardings):
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
 
 
 def loss_fn(params, graphdef, rest, inputs_BT, targets_BT):

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         model_tag=cfg.model_tag or None,
         step=cfg.model_step if cfg.model_step >= 0 else None,
         compute_dtype=stage.compute_dtype(cfg.dtype),
+        mesh=mesh,
     )
     seq_len = meta["model_config"]["sequence_len"]
     dp = sharding.data_parallel_size(mesh)
