@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     model_tag = cfg.model_tag or f"d{cfg.depth}"
     num_params = param_count(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))))
     steps_total = num_iterations(cfg, config, num_params)
+    if cfg.core_metric_every > 0:
+        log.warning("the CORE metric is not implemented yet: --core_metric_every is ignored")
     dp = sharding.data_parallel_size(mesh)
     accum = train.grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, dp)
     flops_per_tok = flops_per_token(config)
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     lr_schedule = optim.lr_multiplier_schedule(
         steps_total, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac
     )
+    # for logging: computed once, so the host never waits on the device for it during training
+    lrm_by_step = np.asarray(jax.jit(jax.vmap(lr_schedule))(np.arange(steps_total + 1)))
 
     def make_optimizer(params):
         return optim.make_optimizer(params, opt_cfg, lr_schedule, optim.muon_momentum_schedule())
@@ -166,6 +170,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(
                 f"error: checkpoint step {restored.step} in {ckpt_dir} was made with another "
                 "model or number of iterations; rerun with the same flags, or without --resume"
+            )
+        if restored.data_state is None:
+            sys.exit(
+                f"error: checkpoint step {restored.step} in {ckpt_dir} has no data-loader state "
+                "(e.g. converted from nanochat), so training cannot resume it exactly"
             )
         train_loader.set_state(restored.data_state)
         start_step = restored.step
@@ -227,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         if step > start_step + 10:
             total_time_s += dt
-        lrm = float(lr_schedule(step))
+        lrm = float(lrm_by_step[step])
         done = step + 1 - start_step
         eta_s = (steps_total - step - 1) * (total_time_s / max(1, done - 11)) if done > 11 else 0
         if step % cfg.log_every == 0 or step == steps_total - 1:
@@ -251,46 +260,48 @@ def main(argv: list[str] | None = None) -> None:
             },
         )
 
-    for step in range(start_step, steps_total + 1):
-        last_step = step == steps_total
-        do_eval = cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0)
-        do_sample = cfg.sample_every > 0 and (
-            last_step or (step > 0 and step % cfg.sample_every == 0)
-        )
-        do_save = last_step or (
-            cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0
-        )
-        if pending is not None and (do_eval or do_sample or do_save):
-            log_step(*pending)  # the host is about to wait for the device anyway
-            pending = None
-        if do_eval:
-            val = val_bpb()
-            min_val_bpb = min(min_val_bpb, val)
-            print(f"step {step:05d} | validation bpb: {val:.4f}", flush=True)
-            writer.scalars(step, {"val/bpb": val})
-        if do_sample:
-            samples = stage.sample_completions(state.model(), tokenizer)
-            for text in samples:
-                print(text, flush=True)
-            writer.text(step, "samples", "\n\n".join(samples))
-        if do_eval or do_sample:
-            t_last = time.perf_counter()  # evaluation time is not training time
-        if do_save:
-            save(step, val)
-        if last_step:
-            break
+    try:
+        for step in range(start_step, steps_total + 1):
+            last_step = step == steps_total
+            do_eval = cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0)
+            do_sample = cfg.sample_every > 0 and (
+                last_step or (step > 0 and step % cfg.sample_every == 0)
+            )
+            do_save = last_step or (
+                cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0
+            )
+            if pending is not None and (do_eval or do_sample or do_save):
+                log_step(*pending)  # the host is about to wait for the device anyway
+                pending = None
+            if do_eval:
+                val = val_bpb()
+                min_val_bpb = min(min_val_bpb, val)
+                print(f"step {step:05d} | validation bpb: {val:.4f}", flush=True)
+                writer.scalars(step, {"val/bpb": val})
+            if do_sample:
+                samples = stage.sample_completions(state.model(), tokenizer)
+                for text in samples:
+                    print(text, flush=True)
+                writer.text(step, "samples", "\n\n".join(samples))
+            if do_eval or do_sample:
+                t_last = time.perf_counter()  # evaluation time is not training time
+            if do_save:
+                save(step, val)
+            if last_step:
+                break
 
-        micro = [next(train_loader) for _ in range(accum)]
-        inputs = train.place_batch(np.stack([m[0] for m in micro]), mesh)
-        targets = train.place_batch(np.stack([m[1] for m in micro]), mesh)
-        state.params, state.opt_state, metrics = step_fn(
-            state.params, state.opt_state, state.rest, inputs, targets
-        )
-        if pending is not None:
-            log_step(*pending)
-        pending = (step, metrics)
-    ckpt.close()
-    writer.close()
+            micro = [next(train_loader) for _ in range(accum)]
+            inputs = train.place_batch(np.stack([m[0] for m in micro]), mesh)
+            targets = train.place_batch(np.stack([m[1] for m in micro]), mesh)
+            state.params, state.opt_state, metrics = step_fn(
+                state.params, state.opt_state, state.rest, inputs, targets
+            )
+            if pending is not None:
+                log_step(*pending)
+            pending = (step, metrics)
+    finally:  # also on errors and Ctrl-C: let an async save finish
+        ckpt.close()
+        writer.close()
 
     total_flops = flops_per_tok * cfg.total_batch_size * steps_total
     report.log_section(
