@@ -35,6 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from nanochat_jax.common import get_base_dir, get_logger
+from nanochat_jax.sharding import key_name
 
 log = get_logger(__name__)
 
@@ -355,15 +356,7 @@ def _brief(e: Exception) -> str:
 def _path_str(path: tuple) -> str:
     """'h.0.attn.c_q.kernel.value': one spelling for a target's keys and Orbax metadata's keys
     (which turn namedtuple fields into dict keys and tuples into lists)."""
-    parts = []
-    for key in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return ".".join(parts)
+    return ".".join(str(key_name(key)) for key in path)
 
 
 def _flat(tree: Any) -> dict[str, Any]:

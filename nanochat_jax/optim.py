@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from nanochat_jax.sharding import key_name
+
 # Quintic Newton-Schulz coefficients from nanochat's muon.py (tuned to push singular values
 # into roughly [0.5, 1.5] fast, not to converge exactly).
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -172,15 +174,8 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def _key_name(key) -> object:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return getattr(key, attr)
-    return key
-
-
 def _label(path, _leaf) -> str:
-    top = _key_name(path[0]) if path else None
+    top = key_name(path[0]) if path else None
     label = {"wte": "embedding", "lm_head": "unembedding", "h": "muon"}.get(top)
     if label is None:
         raise ValueError(

@@ -78,14 +78,17 @@ def make_mesh(spec: str | int = "1", devices: Sequence[jax.Device] | None = None
     return Mesh(grid, MESH_AXES)
 
 
+def key_name(key) -> object:
+    """The name in one pytree path entry (DictKey.key, GetAttrKey.name, SequenceKey.idx)."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    return key
+
+
 def path_str(path: tuple) -> str:
     """A pytree key path as 'h/0/attn/c_q/kernel' (nnx's trailing `.value` dropped)."""
-    parts = []
-    for key in path:
-        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
-        if name != "value":
-            parts.append(str(name))
-    return "/".join(parts)
+    return "/".join(str(name) for name in map(key_name, path) if name != "value")
 
 
 def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
