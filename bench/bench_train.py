@@ -112,7 +112,11 @@ def _time_jax(state, optimizer, *, accum, batch, seq_len, vocab, steps, warmup, 
     rng = np.random.default_rng(0)
     batches = [
         tuple(
-            train.place_batch(rng.integers(0, vocab, (accum, batch, seq_len), np.int32), state.mesh)
+            sharding.shard_batch(
+                rng.integers(0, vocab, (accum, batch, seq_len), np.int32),
+                state.mesh,
+                leading_axes=1,
+            )
             for _ in range(2)
         )
         for _ in range(2)

@@ -133,7 +133,7 @@ def _train_step_check(dtype_name: str, device_mesh) -> dict:
     import numpy as np
     from flax import nnx
 
-    from nanochat_jax import optim, train
+    from nanochat_jax import optim, sharding, train
     from nanochat_jax.config import GPTConfig
     from nanochat_jax.model import GPT
 
@@ -161,8 +161,8 @@ def _train_step_check(dtype_name: str, device_mesh) -> dict:
             state, optimizer, accum_steps=2, micro_batch_size=4, sequence_len=256
         )
     tokens = np.random.default_rng(1).integers(0, 1024, (2, 4, 257), np.int32)  # (A, B, T+1)
-    inputs = train.place_batch(tokens[..., :-1], device_mesh)
-    targets = train.place_batch(tokens[..., 1:], device_mesh)
+    inputs = sharding.shard_batch(tokens[..., :-1], device_mesh, leading_axes=1)
+    targets = sharding.shard_batch(tokens[..., 1:], device_mesh, leading_axes=1)
     params, _, metrics = step(state.params, state.opt_state, state.rest, inputs, targets)
     updates = jax.tree.map(lambda new, old: np.asarray(new) - old, params, host_params)
     return {"metrics": {k: float(v) for k, v in metrics.items()}, "updates": updates}

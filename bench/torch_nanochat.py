@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from nanochat_jax.config import GPTConfig
+
 
 def _load_nanochat(path: str):
     if not (Path(path) / "nanochat" / "gpt.py").is_file():
@@ -60,16 +62,8 @@ def bench_torch_nanochat(
     torch.manual_seed(42)
     if device == "cuda":
         torch.set_float32_matmul_precision("high")  # as nanochat's compute_init
-    model_dim = depth * 64
-    heads = max(1, -(-model_dim // 128))
-    config = gpt.GPTConfig(
-        sequence_len=seq_len,
-        vocab_size=vocab_size,
-        n_layer=depth,
-        n_head=heads,
-        n_kv_head=heads,
-        n_embd=model_dim,
-    )
+    # the same depth dial as ours (model_dim 64*depth, heads of 128), checked against nanochat
+    config = gpt.GPTConfig(**GPTConfig.from_depth(depth, vocab_size, seq_len).to_dict())
     with torch.device("meta"):
         orig_model = gpt.GPT(config)
     orig_model.to_empty(device=device)

@@ -130,18 +130,19 @@ def abstract_on_mesh(tree, mesh: Mesh):
     )
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """(B, ...) arrays: rows split over the data-parallel axes."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, leading_axes: int = 0) -> NamedSharding:
+    """(..., B, ...) arrays with `leading_axes` axes before B (e.g. 1 for stacked micro-batches
+    (A, B, T)): rows split over the data-parallel axes."""
+    return NamedSharding(mesh, P(*(None,) * leading_axes, BATCH_AXES))
 
 
 def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def shard_batch(array: np.ndarray, mesh: Mesh) -> jax.Array:
+def shard_batch(array: np.ndarray, mesh: Mesh, leading_axes: int = 0) -> jax.Array:
     """Place this process's rows of a batch on the mesh (one process: the whole batch)."""
-    return jax.make_array_from_process_local_data(batch_sharding(mesh), array)
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, leading_axes), array)
 
 
 def maybe_initialize_distributed() -> None:

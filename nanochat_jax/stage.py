@@ -78,6 +78,23 @@ def parse_config(config_cls: type, argv: list[str] | None, description: str):
     return config_cls(**vars(parser.parse_args(argv)))
 
 
+def data_loader(tokenizer, mesh: jax.sharding.Mesh, batch_size: int, seq_len: int, split: str):
+    """nanochat's loader for this process's ranks: one rank per data-parallel slot of the mesh,
+    so its (local rows, T) batches are exactly what nanochat's GPUs would see."""
+    from nanochat_jax.dataloader import tokenizing_data_loader  # grain: only where data is read
+
+    dp = sharding.data_parallel_size(mesh)
+    local = dp // jax.process_count()
+    first = jax.process_index() * local
+    ranks = range(first, first + local)
+    return tokenizing_data_loader(tokenizer, batch_size, seq_len, split, ranks=ranks, world_size=dp)
+
+
+def sharded_batches(batches, mesh: jax.sharding.Mesh):
+    """(inputs, targets) host batches -> the same, as global arrays split over the mesh."""
+    return (tuple(sharding.shard_batch(a, mesh) for a in batch) for batch in batches)
+
+
 def load_model(
     phase: str,
     *,

@@ -170,7 +170,7 @@ def make_train_step(
         return params, opt_state, metrics
 
     mesh = state.mesh
-    batch_shd = NamedSharding(mesh, P(None, sharding.BATCH_AXES, None))
+    batch_shd = sharding.batch_sharding(mesh, leading_axes=1)
     rest_shd = jax.tree.map(lambda _: NamedSharding(mesh, P()), state.rest)
     jitted = jax.jit(
         step,
@@ -180,9 +180,3 @@ def make_train_step(
     )
     batch = jax.ShapeDtypeStruct((accum_steps, micro_batch_size, sequence_len), jnp.int32)
     return jitted.lower(state.params, state.opt_state, state.rest, batch, batch).compile()
-
-
-def place_batch(array_ABT, mesh: Mesh) -> jax.Array:
-    """Host (A, B_local, T) token array -> device array with rows split over the data axes."""
-    shd = NamedSharding(mesh, P(None, sharding.BATCH_AXES, None))
-    return jax.make_array_from_process_local_data(shd, array_ABT)

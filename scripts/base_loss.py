@@ -10,10 +10,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-import jax
-
 from nanochat_jax import report, sharding, stage
-from nanochat_jax.dataloader import tokenizing_data_loader
 from nanochat_jax.loss_eval import evaluate_bpb, unigram_bpb
 from nanochat_jax.tokenizer import get_token_bytes, get_tokenizer
 
@@ -49,20 +46,15 @@ def main(argv: list[str] | None = None) -> None:
             f"sequence_len * data-parallel devices = {tokens_per_step}"
         )
     steps = cfg.split_tokens // tokens_per_step
-    local_dp = dp // jax.process_count()
-    ranks = range(jax.process_index() * local_dp, (jax.process_index() + 1) * local_dp)
 
     def loader(split: str):
-        return tokenizing_data_loader(
-            tokenizer, cfg.device_batch_size, seq_len, split, ranks=ranks, world_size=dp
-        )
-
-    def sharded(batches):
-        return (tuple(sharding.shard_batch(a, mesh) for a in batch) for batch in batches)
+        return stage.data_loader(tokenizer, mesh, cfg.device_batch_size, seq_len, split)
 
     results = {}
     for split in ("train", "val"):
-        results[f"{split} bpb"] = evaluate_bpb(model, sharded(loader(split)), steps, token_bytes)
+        results[f"{split} bpb"] = evaluate_bpb(
+            model, stage.sharded_batches(loader(split), mesh), steps, token_bytes
+        )
         print(f"{split} bpb: {results[f'{split} bpb']:.4f}", flush=True)
     baseline = unigram_bpb(loader("train"), loader("val"), steps, token_bytes)
     results["unigram baseline val bpb"] = baseline

@@ -25,7 +25,6 @@ from flax import nnx
 from nanochat_jax import checkpoint, optim, report, sharding, stage, train
 from nanochat_jax.common import get_base_dir, get_logger
 from nanochat_jax.config import GPTConfig
-from nanochat_jax.dataloader import tokenizing_data_loader
 from nanochat_jax.loss_eval import evaluate_bpb
 from nanochat_jax.metrics import (
     H100_BF16_PEAK_FLOPS,
@@ -136,12 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     def make_optimizer(params):
         return optim.make_optimizer(params, opt_cfg, lr_schedule, optim.muon_momentum_schedule())
 
-    # Data: this process feeds the rows of its devices; one nanochat rank per data-parallel slot.
-    local_dp = dp // jax.process_count()
-    ranks = range(jax.process_index() * local_dp, (jax.process_index() + 1) * local_dp)
-    train_loader = tokenizing_data_loader(
-        tokenizer, cfg.device_batch_size, cfg.max_seq_len, "train", ranks=ranks, world_size=dp
-    )
+    rows, seq_len = cfg.device_batch_size, cfg.max_seq_len
+    train_loader = stage.data_loader(tokenizer, mesh, rows, seq_len, "train")
 
     ckpt_dir = checkpoint.checkpoint_dir("base", model_tag)
     ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=cfg.keep_checkpoints)
@@ -191,10 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     eval_steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * dp))
 
     def val_bpb() -> float:
-        loader = tokenizing_data_loader(
-            tokenizer, cfg.device_batch_size, cfg.max_seq_len, "val", ranks=ranks, world_size=dp
-        )
-        batches = (tuple(sharding.shard_batch(a, mesh) for a in batch) for batch in loader)
+        loader = stage.data_loader(tokenizer, mesh, rows, seq_len, "val")
+        batches = stage.sharded_batches(loader, mesh)
         return evaluate_bpb(state.model(), batches, eval_steps, token_bytes)
 
     def save(step: int, val: float | None) -> None:
@@ -291,8 +284,8 @@ def main(argv: list[str] | None = None) -> None:
                 break
 
             micro = [next(train_loader) for _ in range(accum)]
-            inputs = train.place_batch(np.stack([m[0] for m in micro]), mesh)
-            targets = train.place_batch(np.stack([m[1] for m in micro]), mesh)
+            inputs = sharding.shard_batch(np.stack([m[0] for m in micro]), mesh, leading_axes=1)
+            targets = sharding.shard_batch(np.stack([m[1] for m in micro]), mesh, leading_axes=1)
             state.params, state.opt_state, metrics = step_fn(
                 state.params, state.opt_state, state.rest, inputs, targets
             )

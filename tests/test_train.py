@@ -46,7 +46,7 @@ def _run(mesh_spec, accum_steps=1, num_steps=3):
     inputs, targets = _batches(num_steps)
     for x, y in zip(inputs, targets, strict=True):
         shape = (accum_steps, micro, CONFIG.sequence_len)
-        xb, yb = (train.place_batch(a.reshape(shape), mesh) for a in (x, y))
+        xb, yb = (sharding.shard_batch(a.reshape(shape), mesh, leading_axes=1) for a in (x, y))
         params, opt_state, metrics = step(params, opt_state, state.rest, xb, yb)
         losses.append(float(metrics["loss"]))
     return np.array(losses), jax.device_get(params), params, opt_state
