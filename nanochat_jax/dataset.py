@@ -11,10 +11,7 @@ validation split, everything before it is train (so with 240 shards, val is shar
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
-import socket
-import ssl
 import sys
 import threading
 import time
@@ -29,6 +26,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from nanochat_jax.common import get_base_dir, get_logger
+from nanochat_jax.download import (
+    CorruptDownload,
+    DownloadConfig,
+    OfflineError,
+    check_reachable,
+    download_file,
+    make_opener,
+)
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 BASE_URL_ENV = "NANOCHAT_JAX_DATA_URL"
@@ -100,17 +105,6 @@ def parquets_iter_batched(
 # Download
 
 
-@dataclass(frozen=True)
-class DownloadConfig:
-    """How hard to try. Defaults follow nanochat (5 attempts, sleeps of 2, 4, 8, 16 s)."""
-
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 30.0  # per blocking read: a stalled transfer fails after this long
-    max_attempts: int = 5
-    backoff_s: float = 2.0  # sleep backoff_s * 2**(attempt-1) after a failed attempt
-    chunk_bytes: int = 1 << 20
-
-
 @dataclass
 class DownloadResult:
     downloaded: list[int] = field(default_factory=list)
@@ -122,64 +116,9 @@ class DownloadResult:
         return not self.failed
 
 
-class OfflineError(ConnectionError):
-    """The shard server cannot be reached at all (no network, DNS failure, refused)."""
-
-
-class _PermanentError(Exception):
-    """Retrying cannot help (e.g. HTTP 404)."""
-
-
-class _CorruptShard(Exception):
-    pass
-
-
 def resolve_base_url(base_url: str | None = None) -> str:
     """The argument if given, else $NANOCHAT_JAX_DATA_URL, else nanochat's Hugging Face URL."""
     return (base_url or os.environ.get(BASE_URL_ENV) or BASE_URL).rstrip("/")
-
-
-def _make_opener(read_timeout_s: float) -> urllib.request.OpenerDirector:
-    """A urllib opener whose sockets switch from the connect timeout to a read timeout once
-    connected (urllib alone uses one timeout for both). Proxies and redirects work as usual."""
-
-    class _HTTPConnection(http.client.HTTPConnection):
-        def connect(self) -> None:
-            super().connect()
-            self.sock.settimeout(read_timeout_s)
-
-    class _HTTPSConnection(http.client.HTTPSConnection):
-        def connect(self) -> None:
-            super().connect()
-            self.sock.settimeout(read_timeout_s)
-
-    class _HTTPHandler(urllib.request.HTTPHandler):
-        def http_open(self, req):
-            return self.do_open(_HTTPConnection, req)
-
-    class _HTTPSHandler(urllib.request.HTTPSHandler):
-        def https_open(self, req):
-            return self.do_open(_HTTPSConnection, req, context=ssl.create_default_context())
-
-    return urllib.request.build_opener(_HTTPHandler(), _HTTPSHandler())
-
-
-def _check_reachable(base_url: str, timeout_s: float) -> None:
-    """Fail fast with one clear line when the server cannot be reached, instead of retrying
-    every shard for half a minute. Skipped behind a proxy (the proxy decides reachability)."""
-    parts = urllib.parse.urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"base URL must be http(s)://host/..., got {base_url!r}")
-    if urllib.request.getproxies().get(parts.scheme):
-        return
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
-    except OSError as e:
-        raise OfflineError(
-            f"cannot reach {parts.hostname}:{port} ({e.__class__.__name__}: {e}); are you offline? "
-            "Offline demo shards: `python -m nanochat_jax.demo_data`."
-        ) from None
 
 
 def verify_shard(path: Path) -> None:
@@ -190,61 +129,18 @@ def verify_shard(path: Path) -> None:
     """
     with open(path, "rb") as f:
         if f.read(4) != b"PAR1":
-            raise _CorruptShard("file does not start with the parquet magic bytes")
+            raise CorruptDownload("file does not start with the parquet magic bytes")
     try:
         with pq.ParquetFile(path) as parquet_file:
             names = parquet_file.schema_arrow.names
             if "text" not in names:
-                raise _CorruptShard(f"parquet file has no 'text' column (columns: {names})")
+                raise CorruptDownload(f"parquet file has no 'text' column (columns: {names})")
             for rg_index in range(parquet_file.num_row_groups):
                 parquet_file.read_row_group(rg_index, columns=["text"])
-    except _CorruptShard:
+    except CorruptDownload:
         raise
     except Exception as e:  # pyarrow raises several types for garbage bytes
-        raise _CorruptShard(f"not a readable parquet file ({e})") from None
-
-
-def _fetch(
-    url: str,
-    tmp: Path,
-    cfg: DownloadConfig,
-    opener: urllib.request.OpenerDirector,
-    on_bytes: Callable[[int], None],
-    stop: threading.Event,
-) -> None:
-    """Download `url` into `tmp`, continuing a partial `tmp` with an HTTP Range request."""
-    offset = tmp.stat().st_size if tmp.exists() else 0
-    headers = {"User-Agent": "nanochat-jax"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    try:
-        response = opener.open(
-            urllib.request.Request(url, headers=headers), timeout=cfg.connect_timeout_s
-        )
-    except urllib.error.HTTPError as e:
-        e.close()
-        if e.code == 416:  # the partial file is not a prefix we can extend: start over
-            tmp.unlink(missing_ok=True)
-            raise ConnectionError("HTTP 416 for a resumed download; restarting from 0") from None
-        if 400 <= e.code < 500 and e.code not in (408, 429):
-            raise _PermanentError(f"HTTP {e.code} {e.reason} for {url}") from None
-        raise
-    with response:
-        resumed = offset > 0 and response.status == 206
-        if resumed and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
-            tmp.unlink(missing_ok=True)
-            raise ConnectionError("server answered the Range request with another range")
-        length = response.headers.get("Content-Length")
-        written = 0
-        with open(tmp, "ab" if resumed else "wb") as f:
-            while chunk := response.read1(cfg.chunk_bytes):  # read1: keep what came before a stall
-                if stop.is_set():
-                    raise InterruptedError("download cancelled")
-                f.write(chunk)
-                written += len(chunk)
-                on_bytes(len(chunk))
-        if length is not None and written != int(length):
-            raise ConnectionError(f"body ended after {written} of {length} bytes")
+        raise CorruptDownload(f"not a readable parquet file ({e})") from None
 
 
 def download_shard(
@@ -258,35 +154,15 @@ def download_shard(
     stop: threading.Event | None = None,
 ) -> str | None:
     """Fetch one shard into `data_dir` with retries; None on success, else the last error."""
-    final = data_dir / shard_name(index)
-    tmp = final.with_name(final.name + ".tmp")
-    url = f"{base_url}/{shard_name(index)}"
-    opener = opener or _make_opener(cfg.read_timeout_s)
-    stop = stop or threading.Event()
-    error = "no attempt made"
-    for attempt in range(1, cfg.max_attempts + 1):
-        try:
-            _fetch(url, tmp, cfg, opener, on_bytes, stop)
-            verify_shard(tmp)
-            os.replace(tmp, final)
-            return None
-        except _PermanentError as e:
-            tmp.unlink(missing_ok=True)
-            return str(e)
-        except _CorruptShard as e:
-            tmp.unlink(missing_ok=True)  # never keep (nor resume) a bad file
-            error = f"corrupt download: {e}"
-        except (OSError, http.client.HTTPException) as e:
-            # a partial .tmp stays: the next attempt (or run) continues it with a Range request
-            error = f"{e.__class__.__name__}: {e}"
-        if stop.is_set():
-            return "cancelled"
-        log.debug(
-            "%s attempt %d/%d failed: %s", shard_name(index), attempt, cfg.max_attempts, error
-        )
-        if attempt < cfg.max_attempts:
-            stop.wait(cfg.backoff_s * 2 ** (attempt - 1))
-    return f"{error} (after {cfg.max_attempts} attempts)"
+    return download_file(
+        f"{base_url}/{shard_name(index)}",
+        data_dir / shard_name(index),
+        cfg=cfg,
+        verify=verify_shard,
+        opener=opener,
+        on_bytes=on_bytes,
+        stop=stop,
+    )
 
 
 def download(
@@ -295,13 +171,14 @@ def download(
     *,
     data_dir: str | Path | None = None,
     base_url: str | None = None,
-    cfg: DownloadConfig = DownloadConfig(),
+    cfg: DownloadConfig | None = None,
     progress: bool = True,
 ) -> DownloadResult:
     """Download shards 0..num_files-1 (-1 = all 1823) that are not on disk yet.
 
     Raises OfflineError when the server is unreachable; per-shard failures are in the result.
     """
+    cfg = cfg or DownloadConfig()
     if num_files == 0 or num_files < -1:
         raise ValueError(f"num_files must be -1 (all) or >= 1, got {num_files}")
     if num_workers < 1:
@@ -329,11 +206,13 @@ def download(
     if not todo:
         return result
     base_url = resolve_base_url(base_url)
-    _check_reachable(base_url, cfg.connect_timeout_s)
+    check_reachable(
+        base_url, cfg.connect_timeout_s, "Offline demo shards: `python -m nanochat_jax.demo_data`."
+    )
 
     from tqdm import tqdm
 
-    opener = _make_opener(cfg.read_timeout_s)
+    opener = make_opener(cfg.read_timeout_s)
     stop = threading.Event()
     lock = threading.Lock()
     total_bytes = [0]

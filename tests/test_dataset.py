@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import http.server
 import io
 import socket
-import threading
-import time
 import urllib.error
-from collections import defaultdict
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat_jax import dataset
+from nanochat_jax import dataset, download
 from nanochat_jax.dataset import DownloadConfig, shard_name
+from tests.fault_server import FaultServer
 
 FAST = DownloadConfig(connect_timeout_s=2.0, read_timeout_s=0.3, max_attempts=3, backoff_s=0.01)
 
@@ -29,86 +26,6 @@ def _parquet_bytes(texts: list[str], rows_per_group: int = 2) -> bytes:
 
 def _texts(index: int) -> list[str]:
     return [f"shard {index} doc {i} " + "lorem ipsum " * i for i in range(5)]
-
-
-class _FaultServer:
-    """Serves shard_XXXXX.parquet; `faults[name]` lists what the next requests get:
-    "500", "stall", "truncate", "corrupt", "404"; once the list is used up, the real file."""
-
-    def __init__(self, files: dict[str, bytes], faults: dict[str, list[str]]):
-        self.files = files
-        self.faults = {name: list(kinds) for name, kinds in faults.items()}
-        self.requests: dict[str, list[str | None]] = defaultdict(list)  # name -> Range headers
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-            def do_GET(self):
-                name = self.path.rsplit("/", 1)[-1]
-                server.requests[name].append(self.headers.get("Range"))
-                pending = server.faults.get(name, [])
-                fault = pending.pop(0) if pending else None
-                body = server.files.get(name)
-                if fault == "404" or body is None:
-                    self.send_error(404)
-                elif fault == "500":
-                    self.send_error(500)
-                elif fault == "corrupt":
-                    self._send(200, b"this is not parquet" * 20)
-                elif fault == "truncate":  # promise the whole body, send half, hang up
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body[: len(body) // 2])
-                    self.close_connection = True
-                elif fault == "stall":  # send a little, then go quiet past the read timeout
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body[:100])
-                    self.wfile.flush()
-                    time.sleep(FAST.read_timeout_s * 3)
-                    self.close_connection = True
-                else:
-                    self._send_file(body)
-
-            def _send_file(self, body: bytes) -> None:
-                ranged = self.headers.get("Range")
-                if ranged:
-                    start = int(ranged.removeprefix("bytes=").rstrip("-"))
-                    if start >= len(body):
-                        self.send_error(416)
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                    self.send_header("Content-Length", str(len(body) - start))
-                    self.end_headers()
-                    self.wfile.write(body[start:])
-                else:
-                    self._send(200, body)
-
-            def _send(self, code: int, body: bytes) -> None:
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/resolve/main"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-
-    def __enter__(self) -> _FaultServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
@@ -129,7 +46,7 @@ def test_retries_through_injected_faults(tmp_path, shards):
         shard_name(2): ["truncate"],
         shard_name(3): ["corrupt"],
     }
-    with _FaultServer(shards, faults) as server:
+    with FaultServer(shards, faults, stall_s=FAST.read_timeout_s * 3) as server:
         result = dataset.download(
             5, 3, data_dir=tmp_path, base_url=server.url, cfg=FAST, progress=False
         )
@@ -147,7 +64,7 @@ def test_retries_through_injected_faults(tmp_path, shards):
 
 
 def test_persistent_failure_gives_up_after_max_attempts(tmp_path, shards):
-    with _FaultServer(shards, {shard_name(1): ["500"] * 10}) as server:
+    with FaultServer(shards, {shard_name(1): ["500"] * 10}) as server:
         result = dataset.download(
             2, 2, data_dir=tmp_path, base_url=server.url, cfg=FAST, progress=False
         )
@@ -159,7 +76,7 @@ def test_persistent_failure_gives_up_after_max_attempts(tmp_path, shards):
 
 
 def test_corrupt_file_is_never_kept(tmp_path, shards):
-    with _FaultServer(shards, {shard_name(0): ["corrupt"] * 10}) as server:
+    with FaultServer(shards, {shard_name(0): ["corrupt"] * 10}) as server:
         result = dataset.download(
             1, 1, data_dir=tmp_path, base_url=server.url, cfg=FAST, progress=False
         )
@@ -169,7 +86,7 @@ def test_corrupt_file_is_never_kept(tmp_path, shards):
 
 def test_cli_reports_404_without_retrying(tmp_path, shards, monkeypatch, capsys):
     del shards[shard_name(2)]
-    with _FaultServer(shards, {}) as server:
+    with FaultServer(shards, {}) as server:
         monkeypatch.setenv(dataset.BASE_URL_ENV, server.url)  # the env var override
         code = dataset.main(["-n", "3", "-w", "2", "--data-dir", str(tmp_path)])
     err = capsys.readouterr().err
@@ -184,7 +101,7 @@ def test_resume_skips_finished_and_continues_partial(tmp_path, shards):
     partial = shards[shard_name(1)][:300]
     (tmp_path / (shard_name(1) + ".tmp")).write_bytes(partial)
     (tmp_path / (shard_name(2) + ".tmp")).write_bytes(b"garbage left by someone else")
-    with _FaultServer(shards, {}) as server:
+    with FaultServer(shards, {}) as server:
         result = dataset.download(
             3, 2, data_dir=tmp_path, base_url=server.url, cfg=FAST, progress=False
         )
@@ -247,6 +164,6 @@ def test_https_connections_are_built_with_both_timeouts():
     with socket.socket() as s:  # a port nobody listens on: the TLS connection class is built
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    opener = dataset._make_opener(read_timeout_s=1.0)
+    opener = download.make_opener(read_timeout_s=1.0)
     with pytest.raises(urllib.error.URLError, match="refused"):
         opener.open(f"https://127.0.0.1:{port}/shard_00000.parquet", timeout=1.0)
