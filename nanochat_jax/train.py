@@ -145,15 +145,20 @@ def make_train_step(
     micro_batch_size: int,
     sequence_len: int,
     loss: Callable = loss_fn,
+    extra_dtypes: tuple = (),
 ):
-    """Compile `step(params, opt_state, rest, inputs_ABT, targets_ABT)` for these exact shapes.
+    """Compile `step(params, opt_state, rest, inputs_ABT, targets_ABT, *extras_ABT)` for these
+    exact shapes.
 
-    Returns the AOT-compiled function: calling it with other shapes raises instead of
-    recompiling. Metrics: `loss` (mean over micro-batches) and `grad_norm` (before clipping).
+    `loss(params, graphdef, rest, inputs_BT, targets_BT, *extras_BT)` is the loss of one micro-
+    batch; `extra_dtypes` gives the dtypes of extra (A, B, T) batch arrays it takes (e.g. RL's
+    per-token weights). Gradients are averaged over the A micro-batches. Returns the AOT-compiled
+    function: calling it with other shapes raises instead of recompiling. Metrics: `loss` (mean
+    over micro-batches) and `grad_norm` (before clipping).
     """
     graphdef = state.graphdef
 
-    def step(params, opt_state, rest, inputs_ABT, targets_ABT):
+    def step(params, opt_state, rest, *batch_ABT):
         grad_fn = jax.value_and_grad(loss)
 
         def micro_step(grads_sum, batch):
@@ -161,7 +166,7 @@ def make_train_step(
             return jax.tree.map(jnp.add, grads_sum, grads), value
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grads_sum, losses_A = jax.lax.scan(micro_step, zeros, (inputs_ABT, targets_ABT))
+        grads_sum, losses_A = jax.lax.scan(micro_step, zeros, batch_ABT)
         grads = jax.tree.map(lambda g: g / accum_steps, grads_sum)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -172,11 +177,14 @@ def make_train_step(
     mesh = state.mesh
     batch_shd = sharding.batch_sharding(mesh, leading_axes=1)
     rest_shd = jax.tree.map(lambda _: NamedSharding(mesh, P()), state.rest)
+    dtypes = (jnp.int32, jnp.int32, *extra_dtypes)
     jitted = jax.jit(
         step,
-        in_shardings=(state.param_shardings, state.opt_shardings, rest_shd, batch_shd, batch_shd),
+        in_shardings=(state.param_shardings, state.opt_shardings, rest_shd)
+        + (batch_shd,) * len(dtypes),
         out_shardings=(state.param_shardings, state.opt_shardings, NamedSharding(mesh, P())),
         donate_argnums=(0, 1),
     )
-    batch = jax.ShapeDtypeStruct((accum_steps, micro_batch_size, sequence_len), jnp.int32)
-    return jitted.lower(state.params, state.opt_state, state.rest, batch, batch).compile()
+    shape = (accum_steps, micro_batch_size, sequence_len)
+    batch = [jax.ShapeDtypeStruct(shape, dtype) for dtype in dtypes]
+    return jitted.lower(state.params, state.opt_state, state.rest, *batch).compile()

@@ -120,3 +120,50 @@ def test_grad_accum_steps_rule_and_error():
     assert train.grad_accum_steps(524288, 32, 2048, 1) == 8
     with pytest.raises(ValueError, match="multiple of"):
         train.grad_accum_steps(1000, 4, 64, 2)
+
+
+def test_extra_batch_arrays_reach_the_loss(single_device):
+    """A loss with a per-token weight array: weights of 1 reproduce the plain step; weights of 0
+    on half the rows equal training on the other half only (targets -1 there)."""
+    from nanochat_jax.model import cross_entropy
+
+    def weighted(params, graphdef, rest, inputs_BT, targets_BT, weights_BT):
+        logits = train.nnx.merge(graphdef, params, rest)(inputs_BT)
+        nll_BT = cross_entropy(logits, targets_BT, loss_reduction="none")
+        return (nll_BT * weights_BT).sum() / weights_BT.sum()
+
+    def run(weights_BT, mask_targets, loss=weighted):
+        mesh = sharding.make_mesh("1")
+        state, optimizer = train.init_train_state(CONFIG, _make_optimizer, mesh, seed=0)
+        shape = (1, ROWS, CONFIG.sequence_len)
+        step = train.make_train_step(
+            state,
+            optimizer,
+            accum_steps=1,
+            micro_batch_size=ROWS,
+            sequence_len=CONFIG.sequence_len,
+            loss=loss,
+            extra_dtypes=(np.float32,) if loss is weighted else (),
+        )
+        inputs, targets = _batches(1)
+        targets = np.where(mask_targets, -1, targets)
+        arrays = [a.reshape(shape) for a in (inputs, targets, weights_BT)]
+        arrays = arrays if loss is weighted else arrays[:2]
+        _, _, metrics = step(state.params, state.opt_state, state.rest, *arrays)
+        return float(metrics["loss"])
+
+    ones = np.ones((ROWS, CONFIG.sequence_len), np.float32)
+    losses_1, *_ = single_device
+    np.testing.assert_allclose(run(ones, False), losses_1[0], rtol=1e-6)
+    half = ones.copy()
+    half[ROWS // 2 :] = 0
+    masked = np.zeros((1, ROWS, CONFIG.sequence_len), bool)
+    masked[:, ROWS // 2 :] = True
+    np.testing.assert_allclose(run(half, False), run(ones, masked, train.loss_fn), rtol=1e-6)
+    with pytest.raises((TypeError, ValueError)):
+        mesh = sharding.make_mesh("1")
+        state, optimizer = train.init_train_state(CONFIG, _make_optimizer, mesh, seed=0)
+        step = train.make_train_step(
+            state, optimizer, accum_steps=1, micro_batch_size=ROWS, sequence_len=16
+        )
+        step(state.params, state.opt_state, state.rest, *([np.zeros((1, ROWS, 8), np.int32)] * 2))
