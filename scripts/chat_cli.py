@@ -13,11 +13,11 @@ once all of its bytes have arrived.
 from __future__ import annotations
 
 import argparse
-import codecs
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from nanochat_jax import checkpoint, stage
+from nanochat_jax.chat import stream_reply
 from nanochat_jax.common import get_logger
 from nanochat_jax.engine import Engine
 from nanochat_jax.model import GPT
@@ -101,16 +101,6 @@ def load_chat_model(args: argparse.Namespace) -> tuple[GPT, Tokenizer, dict]:
     return model, tokenizer, meta
 
 
-def stream_text(
-    tokens: Iterator[int], decode_bytes: Callable[[list[int]], bytes]
-) -> Iterator[tuple[int, str]]:
-    """(token, text) per token, where text is what can be shown now: the bytes of a character
-    that spans several tokens are held back until it is complete (then shown whole)."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token in tokens:
-        yield token, decoder.decode(decode_bytes([token]))
-
-
 class Chat:
     """A conversation with the model, kept as tokens in nanochat's chat layout."""
 
@@ -141,32 +131,25 @@ class Chat:
             self.user_end,
             self.assistant_start,
         ]
-        room = self.context_len - len(prompt)
-        if room < 1:
+        if len(prompt) >= self.context_len:
             raise ValueError(
                 f"the conversation is {len(prompt)} tokens but the model's context is "
                 f"{self.context_len}; type 'clear' to start a new one"
             )
-        columns = self.engine.generate(
+        answer: list[int] = []
+        for token, piece in stream_reply(
+            self.engine,
+            self.tokenizer,
             prompt,
-            num_samples=1,
-            max_tokens=min(self.max_tokens, room),
+            max_tokens=self.max_tokens,
             temperature=self.temperature,
             top_k=self.top_k,
             seed=seed,
-        )
-        answer: list[int] = []
-        for token, piece in stream_text(self._until_stop(columns), self.tokenizer.decode_bytes):
+        ):
             answer.append(token)
             if piece:
                 yield piece
         self.tokens = [*prompt, *answer, self.assistant_end]
-
-    def _until_stop(self, columns) -> Iterator[int]:
-        for column, _ in columns:
-            if column[0] in (self.assistant_end, self.bos):
-                return
-            yield column[0]
 
 
 def _print_reply(chat: Chat, text: str, seed: int) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nanochat_jax import checkpoint
+from nanochat_jax import chat, checkpoint
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.engine import Engine
 from nanochat_jax.model import GPT
@@ -69,9 +69,7 @@ def greedy_reply(engine: Engine, tokenizer: Tokenizer, prompt: list[int], max_to
     results, _ = engine.generate_batch(prompt, max_tokens=max_tokens, temperature=0)
     return "".join(
         piece
-        for _, piece in chat_cli.stream_text(
-            iter(results[0][len(prompt) :]), tokenizer.decode_bytes
-        )
+        for _, piece in chat.stream_text(iter(results[0][len(prompt) :]), tokenizer.decode_bytes)
     )
 
 
@@ -199,7 +197,7 @@ def test_conversation_longer_than_the_context_is_refused(tiny):
 def test_stream_text_holds_back_split_characters():
     data = "aé日😀b".encode()
     pieces = [bytes([b]) for b in data]  # one token per byte: every multi-byte char is split
-    out = list(chat_cli.stream_text(iter(range(len(pieces))), lambda ids: pieces[ids[0]]))
+    out = list(chat.stream_text(iter(range(len(pieces))), lambda ids: pieces[ids[0]]))
     texts = [text for _, text in out]
     assert "".join(texts) == "aé日😀b"
     assert "\ufffd" not in "".join(texts)

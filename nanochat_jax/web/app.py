@@ -22,7 +22,7 @@ Text is streamed UTF-8 safe: a character whose bytes span several tokens is sent
 
 from __future__ import annotations
 
-import codecs
+import contextlib
 import dataclasses
 import json
 import queue
@@ -38,6 +38,7 @@ from flask import Flask, Response, jsonify, request, send_from_directory
 from flax import nnx
 from werkzeug.exceptions import HTTPException
 
+from nanochat_jax.chat import render_prompt, stream_reply
 from nanochat_jax.common import get_logger
 from nanochat_jax.engine import Engine
 
@@ -143,18 +144,6 @@ def parse_chat_request(body: bytes, settings: ChatSettings) -> ChatRequest:
     return ChatRequest(messages=messages, **params)
 
 
-def render_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """nanochat's chat_web prompt: <|bos|>, each message between its role's start/end tokens,
-    then <|assistant_start|> for the reply."""
-    special = tokenizer.encode_special
-    tokens = [tokenizer.get_bos_token_id()]
-    for message in messages:
-        start, end = f"<|{message['role']}_start|>", f"<|{message['role']}_end|>"
-        tokens += [special(start), *tokenizer.encode(message["content"]), special(end)]
-    tokens.append(special("<|assistant_start|>"))
-    return tokens
-
-
 # ---- workers ---------------------------------------------------------------------------------
 
 
@@ -239,30 +228,23 @@ def _stream_reply(
 ) -> Iterator[str]:
     """SSE events of one reply. The worker is taken when streaming starts and given back in
     `finally`, which also runs when the client goes away (the server closes this generator)."""
-    stop = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
     worker = pool.acquire()
     pieces: list[str] = []
     try:
-        context_len = worker.engine.config.sequence_len
-        columns = worker.engine.generate(
+        reply = stream_reply(
+            worker.engine,
+            tokenizer,
             prompt,
-            num_samples=1,
-            max_tokens=min(req.max_tokens, context_len - len(prompt)),
+            max_tokens=req.max_tokens,
             temperature=req.temperature,
             top_k=req.top_k,
             seed=secrets.randbelow(2**31),
         )
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        try:
-            for column, _ in columns:
-                if column[0] in stop:
-                    break
-                text = decoder.decode(tokenizer.decode_bytes([column[0]]))
+        with contextlib.closing(reply):  # also when the client goes away mid-reply
+            for _, text in reply:
                 if text:  # empty while a multi-byte character is incomplete
                     pieces.append(text)
                     yield _event({"token": text, "gpu": worker.worker_id})
-        finally:
-            columns.close()
         log.info("response (worker %d): %r", worker.worker_id, "".join(pieces))
         yield _event({"done": True})
     except Exception as e:  # the stream has started: report in-band, keep serving
