@@ -111,6 +111,19 @@ def load_model(
     """
     tag = model_tag or checkpoint.find_model_tag(phase, base_dir)
     directory = checkpoint.checkpoint_dir(phase, tag, base_dir)
+    model, meta = load_model_dir(directory, step=step, compute_dtype=compute_dtype, mesh=mesh)
+    log.info("loaded %s model %s step %d", phase, tag, meta["step"])
+    return model, meta
+
+
+def load_model_dir(
+    directory: str | Path,
+    *,
+    step: int | None = None,
+    compute_dtype=jnp.float32,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[GPT, dict[str, Any]]:
+    """load_model for a checkpoint directory: the latest step that reads back intact (or `step`)."""
 
     def target(meta: dict) -> Any:
         config = GPTConfig.from_dict(meta["model_config"])
@@ -123,8 +136,7 @@ def load_model(
     model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0), compute_dtype=compute_dtype))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     nnx.replace_by_pure_dict(params, restored.params)
-    log.info("loaded %s model %s step %d", phase, tag, restored.step)
-    return nnx.merge(graphdef, params, rest), restored.meta
+    return nnx.merge(graphdef, params, rest), {**restored.meta, "step": restored.step}
 
 
 def sample_completions(model: GPT, tokenizer, max_tokens: int = 16) -> list[str]:

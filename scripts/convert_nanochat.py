@@ -27,7 +27,7 @@ from nanochat_jax.checkpoint import Checkpointer
 from nanochat_jax.common import atomic_write_bytes, atomic_write_text, get_logger
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.convert import from_nanochat_state_dict, to_nanochat_state_dict
-from nanochat_jax.model import GPT
+from nanochat_jax.stage import load_model_dir
 
 log = get_logger(__name__)
 
@@ -75,26 +75,19 @@ def nanochat_to_ours(model_path: Path, meta_path: Path | None, out_dir: Path) ->
 def ours_to_nanochat(ckpt_dir: Path, out_dir: Path, step: int | None = None) -> Path:
     """Write a checkpoint step as nanochat's model_XXXXXX.pt + meta_XXXXXX.json in out_dir."""
     torch = _torch()
-    with Checkpointer(ckpt_dir, read_only=True) as ckpt:
-        meta = ckpt.read_meta(step)
-        config = GPTConfig.from_dict(meta["model_config"])
-        model = nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0)))
-        params = nnx.state(model, nnx.Param)
-        restored = ckpt.restore(meta["step"], params_target=nnx.to_pure_dict(params))
-    nnx.replace_by_pure_dict(params, restored.params)
-    nnx.update(model, params)
+    model, meta = load_model_dir(ckpt_dir, step=step)
     tensors = {}
     for name, array in to_nanochat_state_dict(model).items():
         tensor = torch.from_numpy(np.asarray(array, np.float32))
         # nanochat keeps wte in bf16 (to_nanochat_state_dict already rounded it).
         tensors[name] = tensor.to(torch.bfloat16) if array.dtype != np.float32 else tensor
-    step = restored.step
+    step = meta["step"]
     buffer = io.BytesIO()
     torch.save(tensors, buffer)
     model_path = Path(out_dir) / f"model_{step:06d}.pt"
     atomic_write_bytes(model_path, buffer.getvalue())
-    atomic_write_text(Path(out_dir) / f"meta_{step:06d}.json", json.dumps(restored.meta, indent=2))
-    log.info("wrote %s (%s)", model_path, config)
+    atomic_write_text(Path(out_dir) / f"meta_{step:06d}.json", json.dumps(meta, indent=2))
+    log.info("wrote %s (%s)", model_path, model.config)
     return model_path
 
 

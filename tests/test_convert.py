@@ -117,6 +117,20 @@ def test_script_round_trip_through_pt_files(tmp_path):
         assert torch.equal(back[name], tensor), name
     assert json.loads((tmp_path / "back" / "meta_000007.json").read_text()) == meta
 
+    # a damaged latest step is skipped (with a warning), like every other reader of checkpoints
+    _write_nanochat_checkpoint(torch, tmp_path / "nanochat9", step=9)
+    convert_nanochat.main(
+        ["--from", str(tmp_path / "nanochat9" / "model_000009.pt"), "--to", str(ours)]
+    )
+    for path in (ours / "000009" / "params").rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    convert_nanochat.main(["--reverse", "--from", str(ours), "--to", str(tmp_path / "back9")])
+    assert sorted(p.name for p in (tmp_path / "back9").iterdir()) == [
+        "meta_000007.json",
+        "model_000007.pt",
+    ]
+
 
 def test_script_without_torch_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
