@@ -1,6 +1,125 @@
 import datetime
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
 
 from nanochat_jax import report
+
+T0 = datetime.datetime(2026, 1, 2, 10, 0, 0)
+
+HEADER = """# nanochat-jax training report
+
+Generated: 2026-01-02 09:59:58
+
+## Environment
+
+### Hardware
+- JAX devices: 8x NVIDIA H100 80GB HBM3
+- Hourly Rate: $24.00/hour
+
+### Bloat
+- Characters: 333,989
+- Lines: 8,304
+- Files: 44
+- Tokens (approx): 83,497
+- Dependencies (uv.lock lines): 2,004
+
+Run started: 2026-01-02 10:00:00
+
+---
+
+"""
+
+EXPECTED_SUMMARY = """## Summary
+
+- Characters: 333,989
+- Lines: 8,304
+- Files: 44
+- Tokens (approx): 83,497
+- Dependencies (uv.lock lines): 2,004
+
+| Metric          | BASE     | MID      | SFT      | RL       |
+|-----------------|----------|----------|----------|----------|
+| CORE            | 0.2219   | -        | -        | -        |
+| ARC-Challenge   | -        | 0.2875   | 0.2807   | -        |
+| ARC-Easy        | -        | 0.3561   | 0.3876   | -        |
+| GSM8K           | -        | 0.0250   | 0.0455   | 0.0758   |
+| HumanEval       | -        | 0.0671   | 0.0854   | -        |
+| MMLU            | -        | 0.3111   | 0.3151   | -        |
+| ChatCORE        | -        | 0.0730   | 0.0884   | -        |
+
+Total wall clock time: 3h51m
+Estimated cost: $92.60 (at $24.00/hour)
+"""
+
+
+def _chat_eval(source, scores, chatcore):
+    return [{"source": source, "task_name": None}, scores, {"ChatCORE metric": chatcore}]
+
+
+# (title, minutes after T0, items): what the stages log, in nanochat's shapes
+SECTIONS = [
+    ("Tokenizer training", 5, [{"vocab_size": 65536, "train_time": 61.2}]),
+    (
+        "Base model evaluation",
+        120,
+        [{"Model": "base_model (step 21400)", "CORE metric": 0.2219, "hellaswag": 0.2611}],
+    ),
+    (
+        "Chat evaluation mid",
+        180,
+        _chat_eval(
+            "mid",
+            {"ARC-Easy": 0.3561, "ARC-Challenge": 0.2875, "MMLU": 0.3111, "GSM8K": 0.025},
+            0.073,
+        )
+        + [{"HumanEval": 0.0671}],
+    ),
+    (
+        "Chat evaluation sft",
+        231.5,  # 13:51:30, the end of the clock: RL's later timestamps do not count
+        _chat_eval(
+            "sft",
+            {
+                "ARC-Easy": 0.3876,
+                "ARC-Challenge": 0.2807,
+                "MMLU": 0.3151,
+                "GSM8K": 0.0455,
+                "HumanEval": 0.0854,
+            },
+            0.0884,
+        ),
+    ),
+    ("Chat RL", 400, [{"num_epochs": 1}]),
+    ("Chat evaluation rl", 420, [{"source": "rl", "task_name": "GSM8K"}, {"GSM8K": 0.0758}]),
+]
+
+
+def _write_sections(base_dir, sections=SECTIONS):
+    folder = report.report_dir(base_dir)
+    texts = {}
+    for title, minutes, items in sections:
+        text = report.render_section(title, items, T0 + datetime.timedelta(minutes=minutes))
+        (folder / f"{report.slug(title)}.md").write_text(text)
+        texts[report.slug(title)] = text
+    return texts
+
+
+@pytest.fixture
+def warnings():
+    """Warnings the report logger emits (its logger does not propagate to pytest's caplog)."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("nanochat_jax.report")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
 
 
 def test_section_format_matches_nanochat(tmp_path):
@@ -27,3 +146,239 @@ def test_render_is_deterministic_given_time():
     now = datetime.datetime(2026, 11, 28, 12, 0, 0)
     text = report.render_section("Tokenizer training", [{"a": 1.5}], now)
     assert text == "## Tokenizer training\ntimestamp: 2026-11-28 12:00:00\n\n- a: 1.5000\n"
+
+
+def _project(tmp_path):
+    """A tiny non-git project whose bloat is known by hand."""
+    root = tmp_path / "project"
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "a.py").write_text("print(1)\n")  # 9 chars, 1 line
+    (root / "README.md").write_text("# hi\nthere")  # 10 chars, 2 lines (no final newline)
+    (root / "configs.toml").write_text("x = 'é'\n")  # 8 characters (9 bytes), 1 line
+    (root / "notes.txt").write_text("not counted\n")
+    (root / "report.md").write_text("a copy of an old report\n")
+    for skipped in (".venv/lib", "bpe_rust/target/release", "pkg/__pycache__"):
+        (root / skipped).mkdir(parents=True)
+        (root / skipped / "big.py").write_text("x" * 1000)
+    (root / ".hidden.py").write_text("x" * 1000)
+    (root / "uv.lock").write_text("version = 1\n[[package]]\nname = 'jax'\n")
+    return root
+
+
+def test_reset_header_has_real_environment(tmp_path):
+    path = report.reset(base_dir=tmp_path, project_root=_project(tmp_path))
+    assert path == tmp_path / "report" / "header.md"
+    text = path.read_text()
+    assert text.startswith("# nanochat-jax training report\n\nGenerated: ")
+    assert text.endswith("\n\n---\n\n")
+
+    def field(name):
+        found = re.search(rf"^- {re.escape(name)}: (.*)$", text, re.M)
+        assert found, f"no {name!r} line in\n{text}"
+        return found.group(1)
+
+    # not a git checkout: still a header, with the fields saying so
+    assert field("Branch") == "unknown"
+    assert field("Commit") == "unknown (not a git checkout)"
+    cores, logical = map(
+        int, re.fullmatch(r"(\d+) cores \((\d+) logical\)", field("CPUs")).groups()
+    )
+    assert logical == os.cpu_count() and 1 <= cores <= logical
+    assert 0.5 < float(field("Memory").removesuffix(" GB")) < 100_000
+    assert field("JAX devices") == f"{len(jax.devices())}x cpu"
+    assert "Hourly Rate" not in text and "CUDA Version" not in text  # nothing rented on a CPU
+    assert field("Python") == ".".join(map(str, sys.version_info[:3]))
+    assert field("JAX") == jax.__version__
+    assert re.fullmatch(r"\d+\.\d+\.\d+.*", field("Flax"))
+    assert re.fullmatch(r"\d+\.\d+\.\d+.*", field("Orbax"))
+    assert field("Characters") == "27"
+    assert field("Lines") == "4"
+    assert field("Files") == "3"
+    assert field("Tokens (approx)") == "6"
+    assert field("Dependencies (uv.lock lines)") == "3"
+    generated = datetime.datetime.strptime(text.split("\n")[2], "Generated: %Y-%m-%d %H:%M:%S")
+    started = re.search(r"^Run started: (.*)$", text, re.M).group(1)
+    started = datetime.datetime.strptime(started, "%Y-%m-%d %H:%M:%S")
+    now = datetime.datetime.now()
+    assert now - datetime.timedelta(minutes=5) < generated <= started <= now
+
+
+def test_git_info_of_this_checkout():
+    root = report.PROJECT_ROOT
+    if not (root / ".git").exists():
+        pytest.skip("the tests run from an installed copy, not a git checkout")
+    branch, commit, message = report._git_lines(root)
+    assert re.fullmatch(r"- Branch: \S+", branch)
+    assert re.fullmatch(r"- Commit: [0-9a-f]{7,} \((clean|dirty)\)", commit)
+    assert message.startswith("- Message: ") and len(message) <= len("- Message: ") + 80
+
+
+def test_hourly_rates():
+    assert report.hourly_rate("gpu", "NVIDIA H100 80GB HBM3", 8) == 24.0
+    assert report.hourly_rate("gpu", "NVIDIA H200", 1) == 3.0
+    assert report.hourly_rate("gpu", "NVIDIA A100-SXM4-80GB", 2) == pytest.approx(3.58)
+    assert report.hourly_rate("gpu", "Tesla V100-SXM2-16GB", 4) == pytest.approx(2.2)
+    assert report.hourly_rate("gpu", "NVIDIA L4", 3) == 6.0
+    assert report.hourly_rate("cpu", "cpu", 8) is None
+
+
+class _FakeGpu:
+    platform, device_kind = "gpu", "NVIDIA H100 80GB HBM3"
+
+    def memory_stats(self):
+        return {"bytes_limit": 80 * 1024**3, "bytes_in_use": 0}
+
+
+def test_gpu_hardware_lines(monkeypatch):
+    """What a GPU node's header says, from JAX's device objects (none here, so stand-ins)."""
+    monkeypatch.setattr(jax, "devices", lambda: [_FakeGpu()] * 8)
+    monkeypatch.setattr(jax, "local_devices", lambda: [_FakeGpu()] * 4)  # one of two hosts
+    lines = report._accelerator_lines()
+    assert lines[0] == "- JAX devices: 8x NVIDIA H100 80GB HBM3"
+    assert lines[1] == "- Accelerator Memory: 640.0 GB total"
+    assert re.fullmatch(r"- CUDA Version: (\d+\.\d+|unknown)", lines[2])
+    assert lines[3] == "- Hourly Rate: $24.00/hour"
+    assert len(lines) == 4
+
+
+def test_reset_removes_old_sections_keeps_unrelated_files(tmp_path):
+    folder = report.report_dir(tmp_path)
+    for name in (*report.EXPECTED_SECTIONS, "report"):
+        (folder / f"{name}.md").write_text("old\n")
+    (folder / "header.md").write_text("old header\n")
+    (folder / "my-notes.md").write_text("keep me\n")
+    (folder / "plot.png").write_bytes(b"\x89PNG")
+    report.reset(base_dir=tmp_path, project_root=_project(tmp_path))
+    assert sorted(p.name for p in folder.iterdir()) == ["header.md", "my-notes.md", "plot.png"]
+    assert (folder / "my-notes.md").read_text() == "keep me\n"
+    assert (folder / "header.md").read_text().startswith("# nanochat-jax training report")
+
+
+def test_generate_reproduces_nanochat_layout(tmp_path, warnings, capsys):
+    base, cwd = tmp_path / "base", tmp_path / "cwd"
+    cwd.mkdir()
+    (report.report_dir(base) / "header.md").write_text(HEADER)
+    texts = _write_sections(base)
+    (cwd / "report.md").write_text("an older report\n")
+    path = report.generate(base_dir=base, copy_to=cwd)
+    assert path == base / "report" / "report.md"
+    in_order = [
+        texts[name] + "\n"
+        for name in report.EXPECTED_SECTIONS
+        if name in texts  # tokenizer-training first, chat-evaluation-rl last
+    ]
+    assert path.read_text() == HEADER + "".join(in_order) + EXPECTED_SUMMARY
+    assert (cwd / "report.md").read_text() == path.read_text()  # overwritten, like nanochat
+    out = capsys.readouterr().out
+    assert f"Copied it to {cwd / 'report.md'}" in out
+    assert out.endswith(EXPECTED_SUMMARY)  # the summary is shown at the end of the run
+    missing = {"tokenizer-evaluation", "base-model-training", "base-model-loss", "midtraining"}
+    missing |= {"chat-sft"}
+    messages = [r.getMessage() for r in warnings]
+    assert sorted(messages) == sorted(
+        f"{base / 'report' / name}.md does not exist, skipping" for name in missing
+    )
+
+
+def test_missing_sections_and_header(tmp_path, warnings):
+    """generate without reset still works: no environment, no wall clock, a partial table."""
+    _write_sections(tmp_path, [SECTIONS[1], SECTIONS[-1]])
+    (report.report_dir(tmp_path) / "base-model-sampling.md").write_text("## not ours\n")
+    text = report.generate(base_dir=tmp_path).read_text()
+    assert text.startswith("# nanochat-jax training report\n\n## Base model evaluation\n")
+    assert text.endswith(
+        "## Summary\n\n"
+        "| Metric          | BASE     | MID      | SFT      | RL       |\n"
+        "|-----------------|----------|----------|----------|----------|\n"
+        "| CORE            | 0.2219   | -        | -        | -        |\n"
+        "| GSM8K           | -        | -        | -        | 0.0758   |\n\n"
+    )
+    assert "wall clock" not in text
+    messages = [r.getMessage() for r in warnings]
+    assert any("header.md does not exist" in m and "report reset" in m for m in messages)
+    assert any("base-model-sampling.md is not a section" in m for m in messages)
+    assert sum("does not exist, skipping" in m for m in messages) == 9
+    assert not (tmp_path / "report.md").exists()  # no copy unless asked
+
+
+def test_wall_clock_math():
+    def at(h, m, s=0, day=2):
+        return datetime.datetime(2026, 1, day, h, m, s)
+
+    assert report.wall_clock(at(10, 0), at(13, 51, 59)) == "3h51m"
+    assert report.wall_clock(at(10, 0), at(10, 0, 59)) == "0h0m"
+    assert report.wall_clock(at(23, 30), at(1, 45, day=4)) == "26h15m"
+
+    def summary_end(header_start, last_section):
+        header = f"Run started: {header_start}\n\n---\n\n"
+        section = report.render_section(
+            "Base model training", [], datetime.datetime.fromisoformat(last_section)
+        )
+        return report.render_report(header, {"base-model-training": section}).splitlines()[-1]
+
+    assert summary_end("2026-01-02 10:00:00", "2026-01-03 11:02:00") == (
+        "Total wall clock time: 25h2m"
+    )
+    # a section older than the header (a stale file): unknown, not a negative time
+    assert summary_end("2026-01-02 10:00:00", "2026-01-01 11:00:00") == (
+        "Total wall clock time: unknown"
+    )
+    assert report.render_report(HEADER, {}).endswith("Total wall clock time: unknown\n")
+
+
+def test_metrics_are_read_by_exact_name():
+    text = (
+        "## Chat evaluation rl\ntimestamp: 2026-01-02 10:00:00\n\n"
+        "- task_name: GSM8K\n"  # a config line, not a score
+        "- GSM8K: 0.07575\n"  # rounded like the other cells
+        "- HumanEval: n/a\n"
+        "- ChatCORE metric: 0.1\n"
+        "ARC-Easy: 0.9\n"  # not a list item
+        "- GSM8K: 0.08\n"  # the last value wins
+    )
+    assert report.extract_metrics(text, ["GSM8K", "HumanEval", "ARC-Easy", "CORE"]) == {
+        "GSM8K": "0.0800",
+        "HumanEval": "n/a",
+    }
+    assert report.extract_metrics(text, ["ChatCORE"]) == {"ChatCORE": "0.1000"}
+
+
+def test_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(tmp_path / "base"))
+    monkeypatch.chdir(tmp_path)
+    assert report.main(["generate", "--no-copy"]) == 0
+    assert (tmp_path / "base" / "report" / "report.md").exists()
+    assert not (tmp_path / "report.md").exists()
+    assert report.main([]) == 0  # generate is the default, and copies into the cwd
+    assert (tmp_path / "report.md").read_text() == (
+        tmp_path / "base" / "report" / "report.md"
+    ).read_text()
+    assert f"Copied it to {tmp_path / 'report.md'}" in capsys.readouterr().out
+    # reset from the command line: the header, and the XLA settings for looking only
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+    assert report.main(["reset"]) == 0
+    assert not (tmp_path / "base" / "report" / "report.md").exists()
+    assert (tmp_path / "base" / "report" / "header.md").exists()
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "1.0"
+    assert "wrote its header to" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["regenerate"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'regenerate'" in capsys.readouterr().err
+
+
+def test_cli_bad_subcommand_as_a_process(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "nanochat_jax.report", "rest"],
+        capture_output=True,
+        text=True,
+        cwd=report.PROJECT_ROOT,
+        env=dict(os.environ, NANOCHAT_JAX_BASE_DIR=str(tmp_path)),
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "invalid choice: 'rest' (choose from" in result.stderr
+    assert "reset" in result.stderr and "generate" in result.stderr
+    assert not (tmp_path / "report").exists()
