@@ -7,7 +7,8 @@
 Standard library only: it makes the uv environment first (installing uv with pip if missing),
 then runs `python -m <stage module> <preset flags>` inside it. A stage is skipped when the files
 it produces already exist (`--force` redoes it), and the run stops at the first failing stage.
-Presets live in configs/<name>.toml.
+Presets live in configs/<name>.toml: per stage `module`, optional `argv` (positional arguments),
+`args` (flags), `outputs` (files under the base dir that mark it done), `mesh`, `resumable`.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def run_stages(preset: dict, python: Path, args: argparse.Namespace) -> None:
         if outputs and all(p.exists() for p in outputs) and not args.force:
             _say(f"stage {name}: outputs exist, skipping (--force to redo)")
             continue
-        cmd = [str(python), "-m", module] + _flags(stage.get("args", {}))
+        cmd = [str(python), "-m", module, *stage.get("argv", [])] + _flags(stage.get("args", {}))
         if stage.get("mesh", False):
             cmd.append(f"--mesh={args.mesh}")
         if stage.get("resumable", False) and args.resume:

@@ -59,6 +59,18 @@ def test_runs_then_skips_finished_stages(tmp_path, capsys):
     assert "stage data: outputs exist, skipping" in capsys.readouterr().out
 
 
+def test_positional_argv_reach_the_module(tmp_path, capsys):
+    reset = {
+        "name": "report_reset",
+        "module": "nanochat_jax.report",
+        "argv": ["reset"],
+        "outputs": ["report/header.md"],
+    }
+    run_speedrun.run_stages(_preset(reset), Path(sys.executable), _args(tmp_path))
+    assert "stage report_reset: -m nanochat_jax.report reset" in capsys.readouterr().out
+    assert "Run started:" in (tmp_path / "report" / "header.md").read_text()
+
+
 def test_stops_at_the_first_failure(tmp_path):
     bad = {"name": "tok_train", "module": "scripts.tok_train", "args": {"vocab_size": 10}}
     after = dict(DATA, name="after")
