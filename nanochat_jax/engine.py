@@ -293,6 +293,46 @@ class Engine:
         self._decode = jax.jit(self._decode_impl, static_argnames=("top_k",), donate_argnums=1)
         self._inject = jax.jit(self._inject_impl)
 
+    def set_params(self, model_or_params: nnx.Module | Any) -> None:
+        """Swap in new weights of the same shapes without recompiling (RL: the policy after each
+        update). Takes a model or the pure dict of its parameters (`TrainState.params`).
+
+        Every array is copied into the old one's dtype (the compute dtype, as in __init__) and
+        placement, committed or not: jit keys its compiled code on both, and the copy lets the
+        caller donate or overwrite its own arrays afterwards (a train step does).
+        """
+        if isinstance(model_or_params, nnx.Module):
+            model_or_params = nnx.to_pure_dict(nnx.split(model_or_params)[1])
+        new = dict(jax.tree_util.tree_flatten_with_path(model_or_params)[0])
+        old_tree = nnx.to_pure_dict(self._params)
+        old = dict(jax.tree_util.tree_flatten_with_path(old_tree)[0])
+        if new.keys() != old.keys():
+            names = lambda paths: sorted(jax.tree_util.keystr(p) for p in paths)  # noqa: E731
+            raise ValueError(
+                f"set_params needs the engine's parameter tree: missing "
+                f"{names(old.keys() - new.keys())}, unexpected {names(new.keys() - old.keys())}"
+            )
+        for path, x in new.items():
+            if np.shape(x) != old[path].shape:
+                raise ValueError(
+                    f"parameter {jax.tree_util.keystr(path)} has shape {np.shape(x)}, the "
+                    f"engine's has {old[path].shape}: set_params only swaps same-shape weights"
+                )
+
+        def place(x, like: jax.Array) -> jax.Array:
+            if like.committed:
+                x = jax.device_put(x, like.sharding, may_alias=False)
+            elif isinstance(x, jax.Array) and not x.committed:
+                x = jax.device_put(x, may_alias=False)
+            else:  # only a host round trip makes an uncommitted copy of a committed array
+                x = jnp.asarray(np.asarray(x))
+            return x.astype(like.dtype)
+
+        placed = jax.tree.map(place, model_or_params, old_tree)
+        params = jax.tree.map(lambda v: v, self._params)  # a fresh State to fill
+        nnx.replace_by_pure_dict(params, placed)
+        self._params = params
+
     @property
     def num_compilations(self) -> int:
         """How many times prefill/decode were traced, i.e. compiled for a new shape."""
