@@ -1,0 +1,353 @@
+"""chat_eval: categorical accuracy equals a hand computation from unpadded full forwards, few
+compilations, pass@k, grading in parallel, ChatCORE, and the chat_eval script (errors, report).
+
+Tiny random GPTs (weights at a useful scale, as in test_chat_cli) and a real ~320-token BPE
+tokenizer; tasks are small in-memory stand-ins with the Task API.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from nanochat_jax import chat_eval
+from nanochat_jax.chat_eval import chatcore_metric, run_categorical_eval, run_chat_eval
+from nanochat_jax.config import GPTConfig
+from nanochat_jax.engine import Engine
+from nanochat_jax.execution import execute_code
+from nanochat_jax.model import GPT
+from nanochat_jax.tokenizer import Tokenizer
+
+_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Which planet is red? Mars is red. "
+    "Water boils at 100 degrees. Respond only with the letter of the correct answer. "
+)
+_QUESTIONS = [
+    "Which planet is red?",
+    "What is the boiling point of water at sea level, in degrees Celsius?",
+    "Pick one.",
+    "The quick brown fox jumps over which animal, according to the famous pangram sentence?",
+    "Is Mars red?",
+    "Which of these is a color?",
+    "Water boils at what temperature?",
+    "Name a fruit.",
+    "Which animal is lazy in the sentence about the quick brown fox and the lazy dog, really?",
+    "Two plus two?",
+    "Red or blue?",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.train_from_iterator(iter([_TEXT * 20]), 320)
+
+
+def tiny_gpt(tokenizer: Tokenizer, *, n_embd: int = 32, seed: int = 0) -> GPT:
+    """A random 1-layer GPT with N(0, 0.5) weights (nanochat zero-inits lm_head, which would
+    make every letter tie)."""
+    config = GPTConfig(
+        sequence_len=64,
+        vocab_size=tokenizer.get_vocab_size(),
+        n_layer=1,
+        n_head=2,
+        n_kv_head=2,
+        n_embd=n_embd,
+    )
+    model = GPT(config, rngs=nnx.Rngs(seed))
+    randomize(model, seed)
+    return model
+
+
+def randomize(model: GPT, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    state = nnx.state(model, nnx.Param)
+    params = jax.tree.map(
+        lambda x: np.asarray(rng.normal(0.0, 0.5, x.shape), np.float32), nnx.to_pure_dict(state)
+    )
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+
+
+class ToyTask:
+    """A Task stand-in over given conversations; records every graded response."""
+
+    def __init__(self, eval_type: str, conversations: list[dict], grade=None):
+        self.eval_type, self.conversations = eval_type, conversations
+        self.grade = grade or (lambda c, r: r == c["messages"][-1]["content"])
+        self.responses: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.conversations[i]
+
+    def evaluate(self, conversation: dict, response: str) -> bool:
+        if self.eval_type == "categorical" and response not in conversation["letters"]:
+            raise ValueError(f"{response!r} is not a letter")
+        self.responses.append(response)
+        return self.grade(conversation, response)
+
+
+def mc_conversation(question: str, letters: list[str], answer: str) -> dict:
+    choices = "".join(f"- choice {i}={x}\n" for i, x in enumerate(letters))
+    prompt = f"Multiple Choice question: {question}\n{choices}\nRespond only with the letter."
+    return {
+        "messages": [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": answer},
+        ],
+        "letters": letters,
+    }
+
+
+def letters_of(i: int) -> list[str]:
+    return [["A", "B", "C", "D"], ["A", "B", "C"], ["1", "2", "3", "4", "5"]][i % 3]
+
+
+def hand_predictions(model: GPT, tokenizer: Tokenizer, conversations: list[dict]) -> list[str]:
+    """nanochat's rule on one unpadded prompt at a time: the letter with the largest logit at
+    the last prompt position."""
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, ids_1T: nnx.merge(graphdef, state)(ids_1T)[0, -1])
+    predictions = []
+    for conversation in conversations:
+        ids = tokenizer.render_for_completion(conversation)
+        logits_V = np.asarray(forward(state, jnp.asarray([ids], jnp.int32)))
+        letters = conversation["letters"]
+        letter_ids = [tokenizer.encode(x)[0] for x in letters]
+        predictions.append(letters[int(np.argmax(logits_V[letter_ids]))])
+    return predictions
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer) -> GPT:
+    return tiny_gpt(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def mc(model, tokenizer) -> tuple[list[dict], list[str], float]:
+    """(conversations, the model's hand-computed answers, expected accuracy): gold = the hand
+    prediction for even problems, another letter for odd ones."""
+    drafts = [mc_conversation(q, letters_of(i), "A") for i, q in enumerate(_QUESTIONS)]
+    predicted = hand_predictions(model, tokenizer, drafts)
+    conversations = []
+    for i, (q, guess) in enumerate(zip(_QUESTIONS, predicted, strict=True)):
+        letters = letters_of(i)
+        wrong = letters[(letters.index(guess) + 1) % len(letters)]
+        conversations.append(mc_conversation(q, letters, guess if i % 2 == 0 else wrong))
+    expected = sum(i % 2 == 0 for i in range(len(_QUESTIONS))) / len(_QUESTIONS)
+    return conversations, predicted, expected
+
+
+def count_compiles(caplog, fn) -> int:
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), jax.log_compiles():
+        fn()
+    return sum(
+        "Compiling" in r.getMessage() and "_answer_logits" in r.getMessage() for r in caplog.records
+    )
+
+
+# ---- categorical ---------------------------------------------------------------------------
+
+
+def test_categorical_matches_unpadded_hand_computation(tokenizer, model, mc):
+    lengths = [
+        len(tokenizer.render_for_completion(mc_conversation(q, ["A"], "A"))) for q in _QUESTIONS
+    ]
+    assert len({max(16, 1 << (n - 1).bit_length()) for n in lengths}) >= 2  # several buckets
+    conversations, predicted, expected = mc
+    task = ToyTask("categorical", conversations)
+    assert len(set(predicted)) >= 3  # the random model really chooses, it is not always "A"
+    accuracy = run_categorical_eval(task, model, tokenizer, batch_size=4, progress=False)
+    assert task.responses == predicted  # padding, bucketing, dummy rows change nothing
+    assert accuracy == expected == 6 / 11
+    # max_problems: the first problems only
+    task.responses.clear()
+    assert run_categorical_eval(task, model, tokenizer, batch_size=4, max_problems=3) == 2 / 3
+    assert task.responses == predicted[:3]
+
+
+def test_categorical_compiles_once_per_length_bucket(tokenizer, mc, caplog):
+    model = tiny_gpt(tokenizer, n_embd=48)  # a shape no other test compiles
+    task = ToyTask("categorical", mc[0])
+    lengths = [len(tokenizer.render_for_completion(c)) for c in task.conversations]
+    buckets = {max(16, 1 << (n - 1).bit_length()) for n in lengths}
+    # 11 problems in batches of 4 hit 2 buckets, with a short last batch: 2 compilations
+    batch_buckets = {
+        max(16, 1 << (max(lengths[i : i + 4]) - 1).bit_length()) for i in range(0, 11, 4)
+    }
+    assert len(batch_buckets) == 2 and batch_buckets <= buckets
+    run = lambda: run_categorical_eval(task, model, tokenizer, batch_size=4)  # noqa: E731
+    assert count_compiles(caplog, run) == len(batch_buckets)
+    # chat_sft's pattern: the same model, trained further, evaluated again -> no new compilation
+    randomize(model, seed=7)
+    assert count_compiles(caplog, run) == 0
+    # and a new model object of the same architecture reuses the compiled code too
+    other = tiny_gpt(tokenizer, n_embd=48, seed=3)
+    run = lambda: run_categorical_eval(task, other, tokenizer, batch_size=4)  # noqa: E731
+    assert count_compiles(caplog, run) == 0
+
+
+def test_categorical_on_a_mesh_agrees(tokenizer, model, mc):
+    from nanochat_jax import sharding
+
+    conversations, predicted, expected = mc
+    task = ToyTask("categorical", conversations)
+    mesh = sharding.make_mesh("4")
+    assert run_categorical_eval(task, model, tokenizer, batch_size=8, mesh=mesh) == expected
+    assert task.responses == predicted
+    with pytest.raises(ValueError, match="multiple of the mesh's data-parallel size"):
+        run_categorical_eval(task, model, tokenizer, batch_size=6, mesh=mesh)
+
+
+def test_zero_lm_head_answers_the_first_letter(tokenizer):
+    # nanochat's init (lm_head zero): every letter ties, argmax takes the first.
+    model = tiny_gpt(tokenizer)
+    model.lm_head.kernel[...] = jnp.zeros_like(model.lm_head.kernel[...])
+    conversations = [mc_conversation(q, letters_of(i), "B") for i, q in enumerate(_QUESTIONS)]
+    task = ToyTask("categorical", conversations)
+    assert run_categorical_eval(task, model, tokenizer, batch_size=8) == 0.0
+    assert task.responses == [letters_of(i)[0] for i in range(len(_QUESTIONS))]
+
+
+def test_categorical_errors(tokenizer, model):
+    assert len(tokenizer.encode("Ω")) > 1
+    task = ToyTask("categorical", [mc_conversation("Pick one.", ["A", "Ω"], "A")])
+    with pytest.raises(ValueError, match="'Ω' encodes to 2 tokens"):
+        run_categorical_eval(task, model, tokenizer)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        run_categorical_eval(task, model, tokenizer, batch_size=0)
+    with pytest.raises(ValueError, match="max_problems"):
+        run_categorical_eval(task, model, tokenizer, max_problems=0)
+    with pytest.raises(ValueError, match="no problems"):
+        run_categorical_eval(ToyTask("categorical", []), model, tokenizer)
+    long_task = ToyTask("categorical", [mc_conversation("fox " * 400, ["A", "B"], "A")])
+    with pytest.raises(ValueError, match="exceeds the model's maximum 640"):
+        run_categorical_eval(long_task, model, tokenizer)
+
+
+# ---- generative ----------------------------------------------------------------------------
+
+
+class CannedEngine:
+    """generate_batch that answers prompt i with canned texts (one per sample)."""
+
+    def __init__(self, tokenizer: Tokenizer, answers: list[list[str]]):
+        self.tokenizer, self.answers, self.calls = tokenizer, answers, []
+
+    def generate_batch(self, tokens, num_samples=1, **kwargs):
+        self.calls.append({"num_samples": num_samples, **kwargs})
+        texts = self.answers[len(self.calls) - 1]
+        assert len(texts) == num_samples
+        return [tokens + self.tokenizer.encode(t) for t in texts], None
+
+
+def qa(question: str, answer: str) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ]
+    }
+
+
+def test_generative_pass_at_k(tokenizer, model):
+    task = ToyTask("generative", [qa(f"q{i}", "yes") for i in range(4)])
+    engine = CannedEngine(tokenizer, [["no", "yes"], ["no", "no"], ["yes", "yes"], ["maybe", "no"]])
+    accuracy = run_chat_eval(
+        "toy",
+        model,
+        tokenizer,
+        task=task,
+        engine=engine,
+        num_samples=2,
+        max_new_tokens=7,
+        temperature=0.5,
+        top_k=0,
+    )
+    assert accuracy == 2 / 4  # problems 0 and 2 pass: any sample passing is enough
+    assert sorted(task.responses) == sorted(["no", "yes", "no", "no", "yes", "maybe", "no"])
+    assert (
+        engine.calls == [{"num_samples": 2, "max_tokens": 7, "temperature": 0.5, "top_k": None}] * 4
+    )
+
+
+def test_generative_with_the_real_engine_decodes_after_the_prompt(tokenizer, model):
+    engine = Engine(model, tokenizer)
+    conversations = [qa("Which planet is red?", "x"), qa("Two plus two?", "x")]
+    expected = []
+    for c in conversations:
+        prompt = tokenizer.render_for_completion(c)
+        results, _ = engine.generate_batch(prompt, max_tokens=6, temperature=0)
+        expected.append(tokenizer.decode(results[0][len(prompt) :]))
+    gold = [expected[0], "something else"]
+    task = ToyTask(
+        "generative",
+        [qa("Which planet is red?", gold[0]), qa("Two plus two?", gold[1])],
+    )
+    acc = run_chat_eval("toy", model, tokenizer, task=task, engine=engine, max_new_tokens=6)
+    assert task.responses == expected and acc == 0.5
+
+
+def test_generative_grading_runs_programs_in_parallel(tokenizer):
+    # HumanEval-like: each completion is a program that sleeps 0.4 s; graded while generating.
+    good = "import time\ntime.sleep(0.4)\nassert 1 + 1 == 2"
+    bad = "import time\ntime.sleep(0.4)\nassert 1 + 1 == 3"
+    answers = [[good], [bad], [good], [good], [bad], [good], [good], [bad]]
+    task = ToyTask(
+        "generative",
+        [qa(f"write program {i}", "") for i in range(len(answers))],
+        grade=lambda c, r: execute_code(r).success,
+    )
+    start = time.perf_counter()
+    acc = chat_eval.run_generative_eval(
+        task, tokenizer, CannedEngine(tokenizer, answers), grader_threads=8
+    )
+    elapsed = time.perf_counter() - start
+    assert acc == 5 / 8
+    assert elapsed < 8 * 0.4  # sequential grading would take at least this long
+
+
+def test_run_chat_eval_errors(tokenizer, model):
+    with pytest.raises(ValueError, match="unknown task 'SQuAD'; allowed: ARC-Easy, ARC-Challenge"):
+        run_chat_eval("SQuAD", model, tokenizer)
+    with pytest.raises(ValueError, match="eval_type 'ranking'"):
+        run_chat_eval("toy", model, tokenizer, task=ToyTask("ranking", [qa("q", "a")]))
+
+
+def test_progress_line(tokenizer, model, mc, capsys):
+    task = ToyTask("categorical", mc[0])
+    run_chat_eval("Toy-MC", model, tokenizer, task=task, batch_size=4)
+    out = capsys.readouterr().out
+    assert "Toy-MC: 6/11 (54.55%) [11/11 problems" in out
+    run_chat_eval("Toy-MC", model, tokenizer, task=task, batch_size=4, progress=False)
+    assert capsys.readouterr().out == ""
+
+
+# ---- ChatCORE ------------------------------------------------------------------------------
+
+
+def test_chatcore_metric():
+    accuracies = {
+        "ARC-Easy": 0.40,
+        "ARC-Challenge": 0.30,
+        "MMLU": 0.3175,
+        "GSM8K": 0.05,
+        "HumanEval": 0.07,
+    }
+    expected = ((0.40 - 0.25) / 0.75 + (0.05) / 0.75 + 0.0675 / 0.75 + 0.05 + 0.07) / 5
+    assert math.isclose(chatcore_metric(accuracies), expected, rel_tol=1e-12)
+    at_chance = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0, "HumanEval": 0}
+    assert chatcore_metric(at_chance) == 0.0
+    assert chatcore_metric({k: 1.0 for k in at_chance}) == 1.0
+    del accuracies["HumanEval"]
+    assert chatcore_metric(accuracies) is None
