@@ -153,3 +153,31 @@ def sample_completions(model: GPT, tokenizer, max_tokens: int = 16) -> list[str]
         )
         texts.append(tokenizer.decode(results[0]))
     return texts
+
+
+def source_checkpoint(
+    phase: str, model_tag: str | None = None, step: int | None = None
+) -> tuple[str, Path, dict[str, Any]]:
+    """(tag, directory, meta) of the checkpoint a stage starts from: the largest dN of `phase`
+    unless `model_tag`, its latest readable step unless `step`. Restore that exact step with
+    `checkpoint.load_params(directory, ..., step=meta["step"])`."""
+    tag = model_tag or checkpoint.find_model_tag(phase)
+    directory = checkpoint.checkpoint_dir(phase, tag)
+    return tag, directory, checkpoint.read_meta(directory, step)
+
+
+def local_ranks(world_size: int, mesh: jax.sharding.Mesh) -> range:
+    """The nanochat DDP ranks (of `world_size`) whose rows this process feeds.
+
+    Rows are laid out rank after rank and split evenly over the mesh's data-parallel devices,
+    so world_size must be a multiple of their number (each device then holds world_size/dp
+    ranks' rows: a smaller machine can replay a bigger one's data order exactly).
+    """
+    dp = sharding.data_parallel_size(mesh)
+    if world_size < 1 or world_size % dp:
+        raise ValueError(
+            f"world_size {world_size} must be a positive multiple of the mesh's {dp} "
+            "data-parallel devices"
+        )
+    local = world_size // jax.process_count()
+    return range(jax.process_index() * local, (jax.process_index() + 1) * local)

@@ -1,0 +1,338 @@
+"""Midtrain the base model on conversations (nanochat's scripts/mid_train.py, in JAX).
+
+    python -m scripts.mid_train                                  # the largest base model
+    python -m scripts.mid_train --mesh=8 --device_batch_size=16
+    python -m scripts.mid_train ... --resume=1                   # continue from the last save
+
+Teaches the chat format, tool use and multiple choice: one epoch over SmolTalk + MMLU
+auxiliary_train + GSM8K, training on every token of each rendered conversation like pretraining.
+The lr stays flat until 80% of the data is seen, then falls linearly to 0; Muon's momentum goes
+0.85 -> 0.95 over 300 steps; no gradient clipping. The train mixture is rendered up front, which
+gives the number of steps and each step's lr (see chat_data). Saves to mid_checkpoints/<tag>
+(params + optimizer state); logs to the console, TensorBoard and metrics.jsonl under
+<base_dir>/runs/<tag>/mid, and the report section "Midtraining".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from nanochat_jax import checkpoint, optim, report, sharding, stage, train
+from nanochat_jax.chat_data import MidTrainData, mid_val_batches, render_all
+from nanochat_jax.common import get_base_dir, get_logger
+from nanochat_jax.config import GPTConfig
+from nanochat_jax.loss_eval import evaluate_bpb
+from nanochat_jax.metrics import H100_BF16_PEAK_FLOPS, MetricsWriter, flops_per_token, mfu_percent
+from nanochat_jax.tokenizer import get_token_bytes, get_tokenizer
+
+log = get_logger("mid_train")
+
+
+@dataclasses.dataclass
+class MidTrainConfig:
+    run: str = "dummy"  # nanochat's wandb run name; kept for flag compatibility
+    model_tag: str = ""  # base model to start from (default: the largest dN)
+    step: int = -1  # its step (-1: the latest)
+    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU (nanochat: bfloat16)
+    max_seq_len: int = 2048
+    device_batch_size: int = 32
+    unembedding_lr: float = 0.004
+    embedding_lr: float = 0.2
+    matrix_lr: float = 0.02
+    init_lr_frac: float = 1.0
+    weight_decay: float = 0.0
+    eval_every: int = 150
+    eval_tokens: int = 20 * 524288
+    total_batch_size: int = 524288
+    dry_run: bool = False  # no checkpoint, no report
+    # ours
+    num_iterations: int = -1  # > 0: stop after this many steps (nanochat's later flag)
+    world_size: int = 0  # nanochat DDP ranks whose data order to follow (0: data-parallel devices)
+    mesh: str = "1"
+    remat: str = "none"
+    resume: bool = False
+    save_every: int = -1  # also save every N steps (-1: only at the end)
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    peak_flops: float = H100_BF16_PEAK_FLOPS
+
+
+def load_mixtures():
+    """nanochat's (train, val) mixtures for midtraining."""
+    from nanochat_jax.tasks import GSM8K, MMLU, SmolTalk, TaskMixture
+
+    train_ds = TaskMixture(
+        [
+            SmolTalk(split="train"),  # ~460K general conversations
+            MMLU(subset="auxiliary_train", split="train"),  # ~100K multiple choice problems
+            GSM8K(subset="main", split="train"),  # ~8K maths problems with calculator calls
+        ]
+    )
+    val_ds = TaskMixture(
+        [
+            SmolTalk(split="test"),
+            MMLU(subset="all", split="test", stop=5200),
+            GSM8K(subset="main", split="test", stop=420),
+        ]
+    )
+    return train_ds, val_ds
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = stage.parse_config(MidTrainConfig, argv, __doc__.split("\n\n")[0])
+    mesh = stage.setup_devices(cfg.mesh)
+    dtype = stage.compute_dtype(cfg.dtype)
+    base_dir = get_base_dir()
+    world = cfg.world_size or sharding.data_parallel_size(mesh)
+    try:
+        ranks = stage.local_ranks(world, mesh)
+        accum = train.grad_accum_steps(
+            cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, world
+        )
+        tokenizer = get_tokenizer()
+        token_bytes = get_token_bytes()
+        model_tag, source_dir, source_meta = stage.source_checkpoint(
+            "base", cfg.model_tag or None, None if cfg.step < 0 else cfg.step
+        )
+    except (FileNotFoundError, checkpoint.CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    config = GPTConfig.from_dict(source_meta["model_config"])
+    base_batch_size = source_meta.get("device_batch_size")
+    if base_batch_size is not None and cfg.device_batch_size > base_batch_size:
+        log.warning(
+            "FOOTGUN WARNING: base model training used device_batch_size %d, did you pass in a "
+            "good --device_batch_size to this script?",
+            base_batch_size,
+        )
+    try:
+        train_ds, val_ds = load_mixtures()
+    except (ImportError, OSError, ValueError) as e:
+        sys.exit(f"error: cannot load the midtraining tasks: {e}")
+
+    t0 = time.perf_counter()
+    rendered = render_all(tokenizer, train_ds)
+    render_s = time.perf_counter() - t0
+    log.info(
+        "rendered the train mixture: %d conversations, %d tokens in %.1fs",
+        len(rendered),
+        len(rendered.tokens),
+        render_s,
+    )
+    try:
+        data = MidTrainData(
+            rendered,
+            batch_size=cfg.device_batch_size,
+            seq_len=cfg.max_seq_len,
+            world_size=world,
+            ranks=ranks,
+            accum_steps=accum,
+            max_steps=cfg.num_iterations,
+        )
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    steps_total = data.num_steps
+    lrm_by_step = (cfg.init_lr_frac * data.lr_multipliers()).astype(np.float32)
+    print(
+        f"{len(rendered):,} conversations, {len(rendered.tokens):,} tokens: {steps_total} steps of "
+        f"{cfg.total_batch_size:,} tokens ({accum} micro-batches of {cfg.device_batch_size}x"
+        f"{cfg.max_seq_len} per rank, {world} ranks); one epoch is {data.epoch_steps} steps"
+    )
+
+    opt_cfg = optim.OptimConfig(
+        model_dim=config.n_embd,
+        embedding_lr=cfg.embedding_lr,
+        unembedding_lr=cfg.unembedding_lr,
+        matrix_lr=cfg.matrix_lr,
+        weight_decay=cfg.weight_decay,
+        grad_clip=0.0,  # nanochat clips only in base training
+    )
+    lrm_table = jnp.asarray(lrm_by_step)
+    last = len(lrm_by_step) - 1
+
+    def make_optimizer(params):
+        # the progress-based multiplier of every step, looked up by the optimizer's step count
+        return optim.make_optimizer(
+            params,
+            opt_cfg,
+            lambda step: lrm_table[jnp.minimum(step, last)],
+            optim.muon_momentum_schedule(),
+        )
+
+    ckpt = checkpoint.Checkpointer(
+        checkpoint.checkpoint_dir("mid", model_tag), max_to_keep=cfg.keep_checkpoints
+    )
+    resuming = cfg.resume and ckpt.latest_step() is not None
+    if cfg.resume and not resuming:
+        log.info("--resume: no checkpoint in %s yet, starting from the base model", ckpt.directory)
+    restored = None
+
+    def load(params_target, opt_target):
+        nonlocal restored
+        if resuming:
+            restored = ckpt.restore(params_target=params_target, opt_state_target=opt_target)
+            return restored.params, restored.opt_state
+        source = checkpoint.load_params(
+            source_dir, lambda meta: params_target, step=source_meta["step"]
+        )
+        return source.params, None
+
+    state, optimizer = train.init_train_state(
+        config, make_optimizer, mesh, compute_dtype=dtype, remat=cfg.remat, load=load
+    )
+    data_id = {"conversations": len(rendered), "tokens": len(rendered.tokens)}
+    start_step = 0
+    if restored is not None:
+        saved = (restored.meta.get("num_iterations"), restored.meta.get("train_data"))
+        if saved != (steps_total, data_id) or restored.meta["model_config"] != config.to_dict():
+            ckpt.close()
+            sys.exit(
+                f"error: checkpoint step {restored.step} in {ckpt.directory} was made with "
+                "another model, data or number of iterations; rerun with the same flags, or "
+                "without --resume"
+            )
+        start_step = restored.step
+        log.info("resumed from step %d of %s", start_step, ckpt.directory)
+    log.info("loaded base model %s step %d from %s", model_tag, source_meta["step"], source_dir)
+
+    step_fn = train.make_train_step(
+        state,
+        optimizer,
+        accum_steps=accum,
+        micro_batch_size=cfg.device_batch_size * world,
+        sequence_len=cfg.max_seq_len,
+    )
+    writer = MetricsWriter(base_dir / "runs" / model_tag / "mid")
+    tokens_per_micro = cfg.device_batch_size * cfg.max_seq_len * world
+    eval_steps = max(1, cfg.eval_tokens // tokens_per_micro)
+    flops_per_tok = flops_per_token(config)
+    val_cache: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def val_bpb() -> float:
+        # the val windows are the same at every eval (nanochat re-renders them): render once
+        if not val_cache:
+            batches = mid_val_batches(
+                tokenizer,
+                val_ds,
+                batch_size=cfg.device_batch_size,
+                seq_len=cfg.max_seq_len,
+                world_size=world,
+                ranks=ranks,
+            )
+            val_cache.extend(next(batches) for _ in range(eval_steps))
+        return evaluate_bpb(
+            state.model(), stage.sharded_batches(val_cache, mesh), eval_steps, token_bytes
+        )
+
+    def save(step: int, val: float | None) -> None:
+        meta = {
+            "step": step,
+            "val_bpb": val,
+            "model_config": config.to_dict(),
+            "user_config": dataclasses.asdict(cfg),
+            "num_iterations": steps_total,
+            "train_data": data_id,
+        }
+        ckpt.save(step, params=state.params, opt_state=state.opt_state, meta=meta)
+
+    smooth_loss, min_val_bpb, val = 0.0, float("inf"), None
+    total_time_s, pending = 0.0, None
+    t_last = time.perf_counter()
+
+    def log_step(step, metrics):
+        """Host-side logging of a finished step (one step late: never blocks the device)."""
+        nonlocal smooth_loss, total_time_s, t_last
+        loss = float(metrics["loss"])
+        now = time.perf_counter()
+        dt, t_last = now - t_last, now
+        if not math.isfinite(loss):
+            sys.exit(f"error: loss is {loss} at step {step}; stopping (lower the lrs?)")
+        smooth_loss = 0.9 * smooth_loss + 0.1 * loss
+        debiased = smooth_loss / (1 - 0.9 ** (step - start_step + 1))
+        tokens_per_s = cfg.total_batch_size / dt
+        mfu = mfu_percent(
+            tokens_per_s, flops_per_tok, num_devices=mesh.size, peak_flops_per_device=cfg.peak_flops
+        )
+        if step > start_step + 10:
+            total_time_s += dt
+        lrm = float(lrm_by_step[step])
+        if step % cfg.log_every == 0 or step == steps_total - 1:
+            print(
+                f"step {step:05d}/{steps_total:05d} ({100 * data.progress[step]:.2f}%) | "
+                f"loss: {debiased:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | "
+                f"tok/sec: {tokens_per_s:,.0f} | mfu: {mfu:.2f} | "
+                f"total time: {total_time_s / 60:.2f}m",
+                flush=True,
+            )
+        writer.scalars(
+            step,
+            {
+                "train/loss": loss,
+                "train/loss_smooth": debiased,
+                "train/lrm": lrm,
+                "train/progress": float(data.progress[step]),
+                "train/dt": dt,
+                "train/tok_per_sec": tokens_per_s,
+                "train/mfu": mfu,
+                "train/grad_norm": float(metrics["grad_norm"]),
+            },
+        )
+
+    try:
+        for step in range(start_step, steps_total + 1):
+            last_step = step == steps_total
+            do_eval = cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0)
+            do_save = not cfg.dry_run and (
+                last_step
+                or (cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0)
+            )
+            if pending is not None and (do_eval or do_save or last_step):
+                log_step(*pending)  # the host is about to wait for the device anyway
+                pending = None
+            if do_eval:
+                val = val_bpb()
+                min_val_bpb = min(min_val_bpb, val)
+                print(f"step {step:05d} | validation bpb: {val:.4f}", flush=True)
+                writer.scalars(step, {"val/bpb": val})
+                t_last = time.perf_counter()  # evaluation time is not training time
+            if do_save:
+                save(step, val)
+            if last_step:
+                break
+
+            micro = [data.micro_batch(step * accum + m) for m in range(accum)]
+            inputs, targets = (
+                sharding.shard_batch(np.stack([m[i] for m in micro]), mesh, leading_axes=1)
+                for i in (0, 1)
+            )
+            state.params, state.opt_state, metrics = step_fn(
+                state.params, state.opt_state, state.rest, inputs, targets
+            )
+            if pending is not None:
+                log_step(*pending)
+            pending = (step, metrics)
+    finally:  # also on errors and Ctrl-C: let an async save finish
+        ckpt.close()
+        writer.close()
+
+    print(
+        f"Total training time: {total_time_s / 60:.2f}m; minimum validation bpb: {min_val_bpb:.4f}"
+    )
+    if not cfg.dry_run:
+        report.log_section(
+            "Midtraining",
+            [
+                dataclasses.asdict(cfg),
+                {"Number of iterations": steps_total, "DDP world size": world},
+                {"Minimum validation bpb": min_val_bpb},
+            ],
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""mid_train end to end on tiny in-memory conversations, from a tiny base checkpoint."""
+
+import logging
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanochat_jax import checkpoint, optim, sharding, train
+from nanochat_jax.chat_data import MidTrainData, render_all
+from nanochat_jax.config import GPTConfig
+from nanochat_jax.metrics import read_jsonl
+from nanochat_jax.tokenizer import Tokenizer
+from scripts import mid_train
+
+COLORS = "red green blue yellow black white pink brown".split()
+THINGS = "sky grass sun snow coal milk rose bark ball hat car cup door box pen".split()
+
+
+def conversations(n: int, seed: int) -> list[dict]:
+    """Learnable chats: a fixed colour per thing, asked in a few ways; some with a tool call."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        thing = rng.choice(THINGS)
+        color = COLORS[THINGS.index(thing) % len(COLORS)]
+        question = rng.choice(["what color is the {}?", "the {} is which color?", "color of {}"])
+        answer = f"the {thing} is {color}."
+        if i % 6 == 0:
+            answer = [
+                {"type": "text", "text": "let me count. "},
+                {"type": "python", "text": f"len('{thing}')"},
+                {"type": "python_output", "text": str(len(thing))},
+                {"type": "text", "text": f" so the {thing} is {color}."},
+            ]
+        messages = [{"role": "user", "content": question.format(thing)}]
+        messages.append({"role": "assistant", "content": answer})
+        rows.append({"messages": messages})
+    return rows
+
+
+def make_base_dir(base: Path, *, seq_len: int = 64, device_batch_size: int = 4) -> Path:
+    """A vocab-300 tokenizer and a random depth-1 base checkpoint (step 0) in `base`."""
+    rng = random.Random(0)
+    words = COLORS + THINGS + "what is the which color of let me count so".split()
+    docs = [" ".join(rng.choice(words) for _ in range(300)) for _ in range(30)]
+    tokenizer = Tokenizer.train_from_iterator(iter(docs), 300)
+    tokenizer.save(base / "tokenizer")
+    np.save(base / "tokenizer" / "token_bytes.npy", tokenizer.token_bytes())
+    config = GPTConfig.from_depth(1, tokenizer.get_vocab_size(), seq_len)
+    opt_cfg = optim.OptimConfig(model_dim=config.n_embd)
+    state, _ = train.init_train_state(
+        config,
+        lambda p: optim.make_optimizer(p, opt_cfg),
+        sharding.make_mesh("1"),
+        seed=0,
+    )
+    meta = {
+        "step": 0,
+        "model_config": config.to_dict(),
+        "device_batch_size": device_batch_size,
+        "max_seq_len": seq_len,
+    }
+    with checkpoint.Checkpointer(checkpoint.checkpoint_dir("base", "d1", base)) as ckpt:
+        ckpt.save(0, params=state.params, meta=meta)
+        ckpt.wait()
+    return base
+
+
+TRAIN, VAL = conversations(240, seed=1), conversations(40, seed=2)
+FLAGS = [
+    "--max_seq_len=64",
+    "--device_batch_size=4",
+    "--total_batch_size=256",
+    "--eval_every=10",
+    "--eval_tokens=512",
+]
+
+
+@pytest.fixture(scope="module")
+def base_template(tmp_path_factory):
+    return make_base_dir(tmp_path_factory.mktemp("mid_base"))
+
+
+@pytest.fixture
+def base(base_template, tmp_path, monkeypatch):
+    """A fresh copy of the base dir as NANOCHAT_JAX_BASE_DIR, with the tiny mixtures."""
+    shutil.copytree(base_template, tmp_path / "base")
+    monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(tmp_path / "base"))
+    monkeypatch.setattr(mid_train, "load_mixtures", lambda: (TRAIN, VAL))
+    return tmp_path / "base"
+
+
+def _records(base: Path) -> list[dict]:
+    return read_jsonl(base / "runs" / "d1" / "mid" / "metrics.jsonl")
+
+
+def _losses(base: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in _records(base) if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def reference(base_template, tmp_path_factory):
+    """One full run (saving every 4 steps, all kept) and the number of steps it should take."""
+    base = tmp_path_factory.mktemp("mid_ref") / "base"
+    shutil.copytree(base_template, base)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_JAX_BASE_DIR", str(base))
+        mp.setattr(mid_train, "load_mixtures", lambda: (TRAIN, VAL))
+        mid_train.main([*FLAGS, "--save_every=4", "--keep_checkpoints=100"])
+    tokenizer = Tokenizer.load(base / "tokenizer")
+    data = MidTrainData(
+        render_all(tokenizer, TRAIN),
+        batch_size=4,
+        seq_len=64,
+        world_size=1,
+        ranks=[0],
+        accum_steps=1,
+    )
+    return base, data
+
+
+def test_mid_train_learns_saves_and_reports(reference):
+    base, data = reference
+    steps = data.num_steps
+    assert 20 < steps < 40
+    losses = _losses(base)
+    assert sorted(losses) == list(range(steps))
+    assert losses[0] == pytest.approx(np.log(300), rel=1e-3)  # zero-init lm_head: uniform
+    assert np.mean([losses[s] for s in range(steps - 5, steps)]) < losses[0] - 2.0, losses
+    lrms = {r["step"]: r["train/lrm"] for r in _records(base) if "train/lrm" in r}
+    np.testing.assert_allclose([lrms[s] for s in range(steps)], data.lr_multipliers(), rtol=1e-6)
+    assert lrms[0] == 1.0 and lrms[steps - 1] < 0.2
+    bpbs = [r["val/bpb"] for r in _records(base) if "val/bpb" in r]
+    assert len(bpbs) == len(range(0, steps, 10)) + 1 and bpbs[-1] < bpbs[0] / 2
+
+    ckpt_dir = base / "mid_checkpoints" / "d1"
+    meta = checkpoint.read_meta(ckpt_dir)
+    assert meta["step"] == steps and meta["val_bpb"] == pytest.approx(bpbs[-1])
+    assert {"step", "val_bpb", "model_config", "user_config"} <= set(meta)
+    assert meta["model_config"]["n_layer"] == 1 and meta["user_config"]["device_batch_size"] == 4
+    assert (ckpt_dir / f"{steps:06d}" / "opt_state").is_dir()
+    report = (base / "report" / "midtraining.md").read_text()
+    assert "## Midtraining" in report and f"- Number of iterations: {steps}" in report
+    assert "- DDP world size: 1" in report and "- Minimum validation bpb:" in report
+    assert list((base / "runs" / "d1" / "mid").glob("events.out.tfevents.*"))
+
+
+def test_resume_continues_exactly(reference, base):
+    ref_base, data = reference
+    ckpt_dir = base / "mid_checkpoints" / "d1"
+    shutil.copytree(ref_base / "mid_checkpoints" / "d1" / "000008", ckpt_dir / "000008")
+    mid_train.main([*FLAGS, "--save_every=4", "--resume=1"])
+    expected, got = _losses(ref_base), _losses(base)
+    assert sorted(got) == list(range(8, data.num_steps))
+    for step in got:
+        assert got[step] == expected[step], (step, got[step], expected[step])
+
+
+def test_mesh_8_matches_one_device(base):
+    """Eight nanochat ranks' rows on one device, or one rank's rows per device: same run."""
+    flags = [*FLAGS[:2], "--device_batch_size=1", "--total_batch_size=512", "--world_size=8"]
+    flags += ["--num_iterations=3", "--eval_every=-1", "--dry_run=1"]
+    mid_train.main([*flags, "--mesh=1"])
+    one = _losses(base)
+    (base / "runs" / "d1" / "mid" / "metrics.jsonl").unlink()
+    mid_train.main([*flags, "--mesh=8"])
+    eight = _losses(base)
+    assert sorted(one) == sorted(eight) == [0, 1, 2]
+    np.testing.assert_allclose([eight[s] for s in range(3)], [one[s] for s in range(3)], rtol=1e-5)
+    assert checkpoint.list_model_tags("mid", base) == [] and not (base / "report").exists()
+
+
+def test_footgun_warning(base, caplog):
+    logging.getLogger("nanochat_jax").addHandler(caplog.handler)
+    try:
+        mid_train.main(
+            [
+                *FLAGS,
+                "--device_batch_size=8",
+                "--total_batch_size=512",
+                "--dry_run=1",
+                "--num_iterations=1",
+                "--eval_every=-1",
+            ]
+        )
+    finally:
+        logging.getLogger("nanochat_jax").removeHandler(caplog.handler)
+    assert "FOOTGUN WARNING: base model training used device_batch_size 4" in caplog.text
+
+
+def test_clear_errors(base, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="must be a positive multiple"):
+        mid_train.main([*FLAGS, "--total_batch_size=300"])
+    with pytest.raises(
+        SystemExit, match="world_size 3 must be a positive multiple of the mesh's 8"
+    ):
+        mid_train.main([*FLAGS, "--mesh=8", "--world_size=3"])
+    with pytest.raises(SystemExit, match="too small"):
+        mid_train.main([*FLAGS, "--device_batch_size=128", "--total_batch_size=8192"])
+
+    def missing():
+        raise FileNotFoundError("no task data in task_data/: run python -m nanochat_jax.demo_tasks")
+
+    monkeypatch.setattr(mid_train, "load_mixtures", missing)
+    with pytest.raises(SystemExit, match="cannot load the midtraining tasks: no task data"):
+        mid_train.main(FLAGS)
+    shutil.rmtree(base / "base_checkpoints")
+    with pytest.raises(SystemExit, match="run the base stage first"):
+        mid_train.main(FLAGS)
