@@ -6,9 +6,11 @@ without the `datasets` library: the split's parquet files are fetched once from
 $NANOCHAT_JAX_HF_URL) into `<base_dir>/task_data/<repo>/<config>/<split>/`, read with pyarrow in
 file order (the order `datasets` concatenates them in) and shuffled like `Dataset.shuffle`.
 
-The paths below are the repos' own parquet files (the Hub's "Use this dataset -> pandas"
-snippets and dataset cards list them; all four smol-smoltalk train shards come from its card's
-`data/train-*` pattern). A machine that goes offline later prefetches with
+The paths below are the repos' own parquet files on their main branch (the Hub's "Use this
+dataset -> pandas" snippets and the dataset cards' `data_files` patterns name them, e.g.
+smol-smoltalk's `data/train-*` = four shards), so the Hub's parquet-conversion API
+(`/api/datasets/<repo>/parquet/...`) is not needed. A machine that goes offline later
+prefetches with
 
     python -m nanochat_jax.hf_data --all          # everything the pipeline reads (~1.1 GB)
     python -m nanochat_jax.hf_data arc gsm8k      # or some of it
@@ -199,7 +201,9 @@ def ensure_split(
     try:
         check_reachable(base_url, cfg.connect_timeout_s)
     except OfflineError as e:
-        raise TaskDataError(f"{hf_split.key} is not in {root} and {e} {GET_DATA_HINT}") from None
+        raise TaskDataError(
+            f"{hf_split.key} is not in {root} and {str(e).strip()} {GET_DATA_HINT}"
+        ) from None
     for path_in_repo, local in zip(hf_split.files, paths, strict=True):
         if local.is_file():
             continue
