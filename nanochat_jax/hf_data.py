@@ -54,9 +54,10 @@ GET_DATA_HINT = (
 )
 
 
-class TaskDataError(RuntimeError):
+class TaskDataError(OSError):
     """A task's dataset is not on disk and cannot be fetched (offline, failed download, demo
-    data in the way). The message is one line that says what to run."""
+    data in the way). The message is one line that says what to run. An OSError, like the
+    FileNotFoundError of other missing inputs, so stage scripts catch both alike."""
 
 
 @dataclass(frozen=True)
