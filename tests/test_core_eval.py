@@ -1,0 +1,254 @@
+"""core_eval against nanochat's own CORE scoring (tests/golden/core_eval_tiny.json, made by
+tests/golden/make_core_golden.py) and core_render.json; bucketing, compile counts, sharding.
+
+Measured on CPU (jax 0.10.2, fp32) against core_eval_tiny.json: every verdict identical (5 tasks,
+40 examples, both variants); per-row mean span losses max abs error 1.9e-6 (no crop) and 2.9e-6
+(rows left-cropped to 48 tokens), for losses of about 8-13 nats. Compilations: the whole demo
+bundle (6 tasks, 600 examples) at max_seq_len 64 compiles 3 forwards (buckets 16, 32, 64); a second
+evaluation compiles nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from nanochat_jax import core_eval, sharding
+from nanochat_jax.config import GPTConfig
+from nanochat_jax.convert import from_nanochat_state_dict
+from nanochat_jax.eval_bundle import read_tasks, write_demo_bundle
+from nanochat_jax.model import GPT
+from nanochat_jax.tokenizer import Tokenizer
+
+GOLDEN = Path(__file__).parent / "golden"
+LOSS_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict:
+    return json.loads((GOLDEN / "core_eval_tiny.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    state = json.loads((GOLDEN / "tokenizer.json").read_text())
+    ranks = {base64.b64decode(k): v for k, v in state["mergeable_ranks_b64"].items()}
+    return Tokenizer.from_ranks(ranks, state["pattern"])
+
+
+@pytest.fixture(scope="module")
+def model(golden) -> GPT:
+    npz = np.load(GOLDEN / "bpb.npz")
+    params = {k.removeprefix("param/"): npz[k] for k in npz if k.startswith("param/")}
+    return from_nanochat_state_dict(params, GPTConfig(**golden["model"]["config"]))
+
+
+@pytest.fixture(scope="module")
+def demo_bundle(tmp_path_factory) -> Path:
+    return write_demo_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+def _compiles():
+    """A listener counting XLA compilations, and a way to stop it."""
+    events = []
+
+    def listener(name: str, duration_s: float, **kwargs) -> None:
+        if name == "/jax/core/compile/backend_compile_duration":
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return events, lambda: jax.monitoring.unregister_event_duration_listener(listener)
+
+
+# ---- prompts and spans ---------------------------------------------------------------------------
+
+
+def test_core_render_golden(tok):
+    core = json.loads((GOLDEN / "core_render.json").read_text())
+    delimiter = core["continuation_delimiter"]
+    for task_type, case in core["tasks"].items():
+        prompts = core_eval.render_prompts(
+            case["item"], task_type, delimiter, case["fewshot_examples"]
+        )
+        assert prompts == case["prompts"], task_type
+        rows = tok.encode(prompts, prepend=tok.get_bos_token_id())
+        rows, starts, ends = core_eval.continuation_spans(rows, task_type)
+        assert rows == case["tokens"], task_type
+        assert (starts, ends) == (case["start_indices"], case["end_indices"]), task_type
+
+
+def test_fewshot_draw_and_prompts_match_nanochat(golden):
+    for label, task in golden["tasks"].items():
+        meta, data = task["task_meta"], task["data"]
+        for idx, expected in enumerate(golden["prompts"][label]):
+            fewshot = core_eval.fewshot_indices(idx, len(data), meta["num_fewshot"])
+            assert fewshot == expected["fewshot"], (label, idx)
+            prompts = core_eval.render_prompts(
+                data[idx],
+                meta["task_type"],
+                meta["continuation_delimiter"],
+                [data[i] for i in fewshot],
+            )
+            assert prompts == expected["prompts"], (label, idx)
+
+
+def test_spans_match_nanochat(golden, tok):
+    bos = tok.get_bos_token_id()
+    for label, task in golden["tasks"].items():
+        meta = task["task_meta"]
+        for expected, rendered in zip(
+            golden["variants"]["full"]["tasks"][label]["examples"],
+            golden["prompts"][label],
+            strict=True,
+        ):
+            rows = tok.encode(rendered["prompts"], prepend=bos)
+            rows, starts, ends = core_eval.continuation_spans(rows, meta["task_type"])
+            assert [len(r) for r in rows] == expected["row_lengths"]
+            assert (starts, ends) == (expected["starts"], expected["ends"]), label
+
+
+def test_crop_left_shifts_spans_and_clamps_to_one():
+    rows, starts, ends = core_eval.crop_left([[1, 2, 3, 4, 5, 6], [7, 8, 9]], [4, 1], [6, 3], 4)
+    assert rows == [[3, 4, 5, 6], [7, 8, 9]]
+    assert (starts, ends) == ([2, 1], [4, 3])
+    _, starts, _ = core_eval.crop_left([[1, 2, 3, 4, 5, 6]], [2], [6], 3)
+    assert starts == [1]  # the span was cut into: position 0 has no prediction
+
+
+# ---- scores against nanochat ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["full", "crop48"])
+def test_scores_match_nanochat(golden, tok, model, variant):
+    spec = golden["variants"][variant]
+    max_seq_len = spec["max_seq_len"] or model.config.rotary_seq_len
+    worst = 0.0
+    for label, expected in spec["tasks"].items():
+        task = golden["tasks"][label]
+        results = core_eval.evaluate_examples(
+            model, tok, task["data"], task["task_meta"], max_seq_len=max_seq_len, batch_rows=8
+        )
+        assert [r.correct for r in results] == [e["correct"] for e in expected["examples"]], label
+        for result, example in zip(results, expected["examples"], strict=True):
+            assert len(result.losses) == len(example["losses"])
+            for ours, theirs in zip(result.losses, example["losses"], strict=True):
+                if theirs is None:  # an empty span: NaN in both
+                    assert math.isnan(ours), (label, example)
+                else:
+                    worst = max(worst, abs(ours - theirs))
+        accuracy = sum(r.correct for r in results) / len(results)
+        assert accuracy == pytest.approx(expected["accuracy"], rel=1e-6), label  # torch: fp32 mean
+    assert worst < LOSS_ATOL, worst
+
+
+def test_golden_covers_each_outcome(golden):
+    """The fixture exercises what it should: right and wrong answers of every type, NaN spans,
+    and an LM exact match."""
+    full = golden["variants"]["full"]["tasks"]
+    verdicts = {label: {e["correct"] for e in t["examples"]} for label, t in full.items()}
+    assert all(v == {True, False} for k, v in verdicts.items() if k != "lm_2shot"), verdicts
+    assert any(None in e["losses"] for e in full["mc_2shot"]["examples"])
+    crop = golden["variants"]["crop48"]["tasks"]
+    assert any(max(e["row_lengths"]) > 48 for t in crop.values() for e in t["examples"])
+
+
+def test_batching_does_not_change_results(golden, tok, model):
+    task = golden["tasks"]["mc_2shot"]
+    one = core_eval.evaluate_examples(model, tok, task["data"], task["task_meta"], batch_rows=1)
+    many = core_eval.evaluate_examples(
+        model, tok, task["data"], task["task_meta"], batch_rows=64, batch_tokens=1 << 16
+    )
+    assert [r.correct for r in one] == [r.correct for r in many]
+    np.testing.assert_allclose(
+        [x for r in one for x in r.losses], [x for r in many for x in r.losses], atol=1e-5
+    )
+
+
+def test_sharded_model_gives_the_same_scores(golden, tok, model):
+    """Parameters on a data=4,fsdp=2 mesh (as stage.load_model(mesh=) leaves them): batches are
+    split over the mesh and the scores stay the same."""
+    mesh = sharding.make_mesh("data=4,fsdp=2")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    pure = nnx.to_pure_dict(params)
+    nnx.replace_by_pure_dict(params, jax.device_put(pure, sharding.tree_shardings(pure, mesh)))
+    sharded = nnx.merge(graphdef, params, rest)
+    assert core_eval._model_mesh(sharded) is mesh
+    task = golden["tasks"]["schema_1shot"]
+    ref = core_eval.evaluate_examples(model, tok, task["data"], task["task_meta"], batch_rows=2)
+    got = core_eval.evaluate_examples(sharded, tok, task["data"], task["task_meta"], batch_rows=2)
+    assert [r.correct for r in got] == [r.correct for r in ref]
+    np.testing.assert_allclose(
+        [x for r in got for x in r.losses], [x for r in ref for x in r.losses], atol=1e-5
+    )
+
+
+# ---- the whole bundle ----------------------------------------------------------------------------
+
+
+def test_evaluate_core_on_demo_bundle_compiles_a_few_shapes(tok, demo_bundle):
+    # a model structure no other test uses, so the count is of this evaluation alone
+    config = GPTConfig(
+        sequence_len=64, vocab_size=1024, n_layer=1, n_head=2, n_kv_head=1, n_embd=64
+    )
+    fresh = GPT(config, rngs=nnx.Rngs(3))
+    tasks = read_tasks(demo_bundle)
+    events, stop = _compiles()
+    try:
+        out = core_eval.evaluate_core(fresh, tok, demo_bundle, verbose=False)
+        first = len(events)
+        again = core_eval.evaluate_core(fresh, tok, demo_bundle, max_per_task=10, verbose=False)
+    finally:
+        stop()
+    assert 1 <= first <= 3, first  # one per length bucket used: 16, 32, 64
+    assert len(events) == first, "a second evaluation must reuse the compiled forwards"
+    assert list(out["results"]) == [t.label for t in tasks]
+    for task in tasks:
+        expected = core_eval.centered_accuracy(out["results"][task.label], task.random_baseline)
+        assert out["centered_results"][task.label] == pytest.approx(expected)
+    assert out["core_metric"] == pytest.approx(np.mean(list(out["centered_results"].values())))
+    assert set(again["results"]) == set(out["results"])
+
+
+def test_centered_accuracy():
+    assert core_eval.centered_accuracy(0.25, 25.0) == 0.0
+    assert core_eval.centered_accuracy(1.0, 25.0) == 1.0
+    assert core_eval.centered_accuracy(0.625, 25.0) == pytest.approx(0.5)
+    assert core_eval.centered_accuracy(0.3, 0.0) == pytest.approx(0.3)
+
+
+# ---- errors --------------------------------------------------------------------------------------
+
+
+def test_bad_input_is_refused(tok, model):
+    data = [{"context": "a b", "continuation": "c"}, {"context": "d e", "continuation": "f"}]
+    with pytest.raises(ValueError, match="task_type must be one of"):
+        core_eval.evaluate_task(model, tok, data, {"task_type": "essay", "num_fewshot": 0})
+    with pytest.raises(ValueError, match="needs at least 3 examples"):
+        core_eval.evaluate_task(
+            model, tok, data, {"task_type": "language_modeling", "num_fewshot": 2}
+        )
+    with pytest.raises(ValueError, match="at least one example"):
+        core_eval.evaluate_task(model, tok, [], {"task_type": "schema", "num_fewshot": 0})
+    with pytest.raises(ValueError, match="max_seq_len must be in"):
+        core_eval.evaluate_task(
+            model, tok, data, {"task_type": "language_modeling"}, max_seq_len=10**6
+        )
+    bos = tok.get_bos_token_id()
+    with pytest.raises(ValueError, match="strict prefix"):
+        core_eval.continuation_spans([[bos, 5, 6], [bos, 5, 7]], "language_modeling")
+
+
+def test_padding_rows_are_ignored(tok, model):
+    """A single example in a bucket of many rows: the dummy rows do not leak into its score."""
+    data = [{"query": "Is fire hot?", "choices": ["yes", "no"], "gold": 0}]
+    meta = {"task_type": "multiple_choice", "num_fewshot": 0}
+    small = core_eval.evaluate_examples(model, tok, data, meta, batch_rows=2)[0]
+    padded = core_eval.evaluate_examples(model, tok, data, meta, batch_rows=32)[0]
+    np.testing.assert_allclose(small.losses, padded.losses, atol=1e-5)
