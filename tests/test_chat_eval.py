@@ -24,6 +24,7 @@ from nanochat_jax.engine import Engine
 from nanochat_jax.execution import execute_code
 from nanochat_jax.model import GPT
 from nanochat_jax.tokenizer import Tokenizer
+from scripts import chat_eval as chat_eval_script
 
 _TEXT = (
     "The quick brown fox jumps over the lazy dog. Which planet is red? Mars is red. "
@@ -351,3 +352,81 @@ def test_chatcore_metric():
     assert chatcore_metric({k: 1.0 for k in at_chance}) == 1.0
     del accuracies["HumanEval"]
     assert chatcore_metric(accuracies) is None
+
+
+# ---- the script ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_base(tmp_path_factory, tokenizer, model):
+    """A base dir with the offline demo tasks (scale 0.05) and the tiny model saved as sft d1."""
+    from nanochat_jax import checkpoint, demo_tasks
+
+    base = tmp_path_factory.mktemp("base")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_JAX_BASE_DIR", str(base))
+        assert demo_tasks.main(["--scale", "0.05"]) == 0
+    tokenizer.save(base / "tokenizer")
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    directory = checkpoint.checkpoint_dir("sft", "d1", base)
+    with checkpoint.Checkpointer(directory, async_save=False) as ckpt:
+        ckpt.save(0, params=params, meta={"model_config": model.config.to_dict(), "step": 0})
+    return base
+
+
+def report_items(base) -> tuple[str, dict[str, str]]:
+    text = (base / "report" / "chat-evaluation-sft.md").read_text()
+    items = dict(line[2:].split(": ", 1) for line in text.splitlines() if line.startswith("- "))
+    return text, items
+
+
+def test_script_all_tasks_and_report(demo_base, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(demo_base))
+    argv = ["-i", "sft", "-x", "6", "-m", "8", "-b", "4", "-d", "float32"]
+    assert chat_eval_script.main(argv) == 0
+    out = capsys.readouterr().out
+    text, items = report_items(demo_base)
+    assert text.startswith("## Chat evaluation sft\n")
+    for key, value in {"source": "sft", "task_name": "None", "max_problems": "6"}.items():
+        assert items[key] == value
+    accuracies = {name: float(items[name]) for name in chat_eval.BASELINE_ACCURACY}
+    for name, acc in accuracies.items():
+        assert f"{name} accuracy: " in out
+        assert acc * 6 == pytest.approx(round(acc * 6), abs=1e-3)  # k of 6 problems passed
+    expected = chatcore_metric(accuracies)
+    assert float(items["ChatCORE metric"]) == pytest.approx(expected, abs=1e-4)
+    # A subset of the tasks: no ChatCORE.
+    assert chat_eval_script.main(["-i", "sft", "-a", "ARC-Easy|MMLU", "-x", "4"]) == 0
+    text, items = report_items(demo_base)
+    assert "ChatCORE" not in text and items["task_name"] == "ARC-Easy|MMLU"
+    assert set(items) & set(chat_eval.BASELINE_ACCURACY) == {"ARC-Easy", "MMLU"}
+
+
+def test_script_errors(demo_base, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(demo_base))
+    with pytest.raises(SystemExit, match="unknown task 'SQuAD'; allowed: ARC-Easy, ARC-Challenge"):
+        chat_eval_script.main(["-i", "sft", "-a", "ARC-Easy|SQuAD"])
+    with pytest.raises(SystemExit, match="no mid checkpoint"):
+        chat_eval_script.main(["-i", "mid", "-a", "ARC-Easy"])
+    with pytest.raises(SystemExit, match="no sft model tagged 'd9'; available: d1"):
+        chat_eval_script.main(["-i", "sft", "-g", "d9", "-a", "ARC-Easy"])
+    for argv in (
+        ["-a", "MMLU"],
+        ["-i", "base"],
+        ["-i", "sft", "-n", "0"],
+        ["-i", "sft", "-x", "0"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            chat_eval_script.main(argv)
+        assert exit_info.value.code == 2  # argparse usage error
+    err = capsys.readouterr().err
+    assert "--source" in err and "invalid choice: 'base'" in err
+    assert "--num-samples must be >= 1" in err and "--max-problems must be >= 1" in err
+    # Task data missing: demo data without the HumanEval split (nothing is downloaded then).
+    import shutil
+
+    shutil.copytree(demo_base, tmp_path / "base")
+    monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(tmp_path / "base"))
+    shutil.rmtree(tmp_path / "base" / "task_data" / "openai" / "openai_humaneval")
+    with pytest.raises(SystemExit, match="error: .*openai_humaneval.*demo_tasks"):
+        chat_eval_script.main(["-i", "sft", "-a", "ARC-Easy|HumanEval"])
