@@ -1,0 +1,214 @@
+"""chat_sft end to end on tiny in-memory conversations, from a tiny base/mid checkpoint."""
+
+import logging
+import random
+import shutil
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nanochat_jax import checkpoint
+from nanochat_jax.chat_data import sft_micro_batches
+from nanochat_jax.metrics import read_jsonl
+from nanochat_jax.tokenizer import Tokenizer
+from scripts import chat_sft
+from tests.test_mid_train import COLORS, THINGS, conversations, make_base_dir
+
+
+def _long_conversations(n: int, seed: int) -> list[dict]:
+    """Several turns each, so rows reach the 128 and 256 length buckets."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        messages = []
+        for row in conversations(rng.randint(4, 12), seed=rng.randrange(10**6)):
+            messages += row["messages"]
+        rows.append({"messages": messages})
+    return rows
+
+
+class _MultipleChoice:
+    """A categorical task shaped like MMLU/ARC: which colour is the thing?"""
+
+    eval_type = "categorical"
+
+    def __init__(self, n: int):
+        self.rows = []
+        for i in range(n):
+            thing = THINGS[i % len(THINGS)]
+            right = COLORS[i % len(THINGS) % len(COLORS)]
+            wrong = COLORS[(i % len(THINGS) + 3) % len(COLORS)]
+            choices = [right, wrong] if i % 2 else [wrong, right]
+            answer = "B" if choices[1] == right else "A"
+            question = f"what color is the {thing}?\n- {choices[0]}=A\n- {choices[1]}=B"
+            self.rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": question},
+                        {"role": "assistant", "content": answer},
+                    ],
+                    "letters": ["A", "B"],
+                }
+            )
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+    def evaluate(self, conversation, response):
+        return response == conversation["messages"][-1]["content"]
+
+
+TRAIN = conversations(80, seed=3) + _long_conversations(16, seed=4)
+random.Random(5).shuffle(TRAIN)
+VAL = conversations(30, seed=6)
+FLAGS = [
+    "--source=base",
+    "--device_batch_size=4",
+    "--target_examples_per_step=8",
+    "--max_seq_len=256",
+    "--init_lr_frac=1.0",
+    "--eval_every=4",
+    "--eval_steps=3",
+    "--eval_metrics_every=6",
+]
+
+
+def _use_tiny_tasks(mp):
+    mp.setattr(chat_sft, "load_mixtures", lambda: (TRAIN, VAL))
+    tasks = {"mmlu_acc": _MultipleChoice(20), "arc_easy_acc": _MultipleChoice(12)}
+    mp.setattr(chat_sft, "load_metric_tasks", lambda: tasks)
+
+
+@pytest.fixture(scope="module")
+def base_template(tmp_path_factory):
+    return make_base_dir(tmp_path_factory.mktemp("sft_base"))
+
+
+@pytest.fixture
+def base(base_template, tmp_path, monkeypatch):
+    shutil.copytree(base_template, tmp_path / "base")
+    monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(tmp_path / "base"))
+    _use_tiny_tasks(monkeypatch)
+    return tmp_path / "base"
+
+
+def _records(base: Path) -> list[dict]:
+    return read_jsonl(base / "runs" / "d1" / "sft" / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def reference(base_template, tmp_path_factory):
+    base = tmp_path_factory.mktemp("sft_ref") / "base"
+    shutil.copytree(base_template, base)
+    handler = _Collect()
+    logging.getLogger("nanochat_jax").addHandler(handler)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("NANOCHAT_JAX_BASE_DIR", str(base))
+            _use_tiny_tasks(mp)
+            chat_sft.main(FLAGS)
+    finally:
+        logging.getLogger("nanochat_jax").removeHandler(handler)
+    return base, handler.messages
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_sft_learns_evaluates_and_saves(reference):
+    base, messages = reference
+    num_iterations = len(TRAIN) // 8  # 12: 11 optimizer steps, the last iteration evaluates
+    records = _records(base)
+    train = {r["step"]: r for r in records if "train/loss" in r}
+    assert sorted(train) == list(range(num_iterations - 1))
+    losses = [train[s]["train/loss"] for s in range(num_iterations - 1)]
+    assert np.mean(losses[-3:]) < losses[0] - 1.5, losses
+    np.testing.assert_allclose(
+        [train[s]["train/lrm"] for s in train], [1 - s / num_iterations for s in train], rtol=1e-6
+    )
+    val = {r["step"]: r["val/loss"] for r in records if "val/loss" in r}
+    assert sorted(val) == [0, 4, 8, 11] and val[11] < val[0] - 1.5
+    metric_steps = sorted(r["step"] for r in records if "val/mmlu_acc" in r)
+    assert metric_steps == [6, 11]
+
+    # one compiled step per padded length used, and the long rows reached several buckets
+    lengths = {int(r["train/length"]) for r in train.values()}
+    compiled = [m for m in messages if m.startswith("compiled the train step for length")]
+    assert len(compiled) == len(lengths) >= 2 and lengths <= {64, 128, 256}
+
+    # num_tokens: the supervised targets of nanochat's per-rank micro-batches
+    tokenizer = Tokenizer.load(base / "tokenizer")
+    rows = sft_micro_batches(tokenizer, TRAIN, batch_size=4, rank=0, world_size=1, max_tokens=256)
+    for step in range(num_iterations - 1):
+        micro = [next(rows) for _ in range(2)]
+        expected = sum(sum(mask[1:]) for batch in micro for _, mask in batch)
+        assert train[step]["train/num_tokens"] == expected
+        longest = max(len(ids) for batch in micro for ids, _ in batch) - 1
+        assert train[step]["train/length"] == min(b for b in (64, 128, 256) if b >= longest)
+
+    ckpt_dir = base / "chatsft_checkpoints" / "d1"
+    meta = checkpoint.read_meta(ckpt_dir)
+    assert set(meta) == {"step", "val_loss", "mmlu_acc", "arc_easy_acc", "model_config"}
+    assert meta["step"] == num_iterations - 1 and meta["val_loss"] == pytest.approx(val[11])
+    assert 0 <= meta["mmlu_acc"] <= 1 and 0 <= meta["arc_easy_acc"] <= 1
+    step_dir = ckpt_dir / f"{num_iterations - 1:06d}"
+    assert (step_dir / "params").is_dir() and not (step_dir / "opt_state").exists()
+    report = (base / "report" / "chat-sft.md").read_text()
+    assert "## Chat SFT" in report and f"- Training rows: {len(TRAIN)}" in report
+    assert f"- Number of iterations: {num_iterations}" in report
+    assert "- Training loss:" in report and "- Validation loss:" in report
+
+
+def test_rank_losses_are_means_of_per_rank_means():
+    nll = jnp.array([[1.0, 2.0], [3.0, 0.0], [5.0, 6.0], [0.0, 0.0]])
+    targets = jnp.array([[1, 1], [1, -1], [1, 1], [-1, -1]])
+    # rank 0: rows 0-1 -> (1+2+3)/3; rank 1: rows 2-3 -> (5+6)/2
+    np.testing.assert_allclose(chat_sft.rank_losses(nll, targets, 2), [2.0, 5.5])
+    np.testing.assert_allclose(chat_sft.rank_losses(nll, targets, 4), [1.5, 3.0, 5.5, 0.0])
+
+
+def test_mesh_8_matches_one_device(base):
+    flags = [*FLAGS, "--device_batch_size=1", "--world_size=8", "--max_iterations=4"]
+    flags += ["--eval_every=-1", "--eval_metrics_every=-1"]
+    chat_sft.main([*flags, "--mesh=1"])
+    one = {r["step"]: r["train/loss"] for r in _records(base) if "train/loss" in r}
+    (base / "runs" / "d1" / "sft" / "metrics.jsonl").unlink()
+    chat_sft.main([*flags, "--mesh=8"])
+    eight = {r["step"]: r["train/loss"] for r in _records(base) if "train/loss" in r}
+    assert sorted(one) == sorted(eight) == [0, 1, 2]
+    np.testing.assert_allclose([eight[s] for s in one], [one[s] for s in one], rtol=1e-5)
+
+
+def test_default_source_is_mid(base):
+    with pytest.raises(SystemExit, match="run the mid stage first"):
+        chat_sft.main(FLAGS[1:])
+    shutil.copytree(base / "base_checkpoints", base / "mid_checkpoints")
+    chat_sft.main([*FLAGS[1:], "--max_iterations=2", "--eval_metrics_every=-1"])
+    assert checkpoint.read_meta(base / "chatsft_checkpoints" / "d1")["step"] == 1
+
+
+def test_clear_errors(base, monkeypatch):
+    with pytest.raises(SystemExit, match="--source must be base or mid"):
+        chat_sft.main([*FLAGS, "--source=rl"])
+    with pytest.raises(SystemExit, match="must be a multiple of device_batch_size"):
+        chat_sft.main([*FLAGS, "--target_examples_per_step=6"])
+    with pytest.raises(SystemExit, match="leave no iteration to run"):
+        chat_sft.main([*FLAGS, "--target_examples_per_step=128"])
+
+    def missing():
+        raise FileNotFoundError("no task data in task_data/: run python -m nanochat_jax.demo_tasks")
+
+    monkeypatch.setattr(chat_sft, "load_mixtures", missing)
+    with pytest.raises(SystemExit, match="cannot load the SFT tasks: no task data"):
+        chat_sft.main(FLAGS)
