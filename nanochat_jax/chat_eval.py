@@ -33,9 +33,6 @@ import numpy as np
 from flax import nnx
 
 from nanochat_jax import sharding
-from nanochat_jax.common import get_logger
-
-log = get_logger(__name__)
 
 # ChatCORE's random-guess baselines; the keys are chat_eval's default task order.
 BASELINE_ACCURACY = {

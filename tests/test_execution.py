@@ -39,11 +39,11 @@ def test_humaneval_style_program():
 
 def test_infinite_loop_times_out():
     start = time.perf_counter()
-    result = execute_code("while True:\n    pass", timeout=0.5)
+    result = execute_code("while True:\n    pass", timeout=1.0)
     elapsed = time.perf_counter() - start
     assert result.timeout and not result.success
     assert result.error == "Execution timed out"  # the child's own alarm fired
-    assert elapsed < 1.5 + 1.0  # well before the parent's hard kill at timeout + 1 s
+    assert elapsed < 2.0 + 1.0
 
 
 def test_hard_kill_when_the_alarm_is_ignored():
