@@ -31,6 +31,8 @@ from flax import nnx
 
 from nanochat_jax.engine import Engine
 
+_SEQ_ALIGN = 64  # the train step's sequence length is a multiple of this
+
 
 class RewardTask(Protocol):
     """What RL needs of a task (nanochat_jax.tasks.GSM8K has it)."""
@@ -196,15 +198,16 @@ def pg_loss(params, graphdef, rest, inputs_BT, targets_BT, weights_BT) -> jax.Ar
 
 def train_seq_len(longest: int, sequence_len: int, max_len: int) -> int:
     """Length T of the compiled step's inputs for rollouts of up to `longest` tokens (prompt +
-    max_new_tokens): longest - 1 rounded up to a power of two, but not past the model's
-    sequence_len unless the rollouts need it, so one compiled step serves every batch."""
+    max_new_tokens): longest - 1 rounded up to a multiple of 64 (aligned tiles, at most 63
+    positions of padding), but not past the model's sequence_len unless the rollouts need it.
+    One compiled step then serves every batch of the run."""
     need = longest - 1
     if need > max_len:
         raise ValueError(
             f"a prompt plus max_new_tokens reaches {longest} tokens; the model handles at most "
             f"{max_len + 1} (lower max_new_tokens)"
         )
-    return max(need, min(1 << (need - 1).bit_length(), sequence_len))
+    return max(need, min(-(-need // _SEQ_ALIGN) * _SEQ_ALIGN, sequence_len))
 
 
 def pass_at_k(outcomes: Sequence[Sequence[bool]]) -> np.ndarray:

@@ -145,9 +145,10 @@ def test_pack_step_layout():
 
 
 def test_train_seq_len_buckets():
-    assert rl.train_seq_len(300, sequence_len=2048, max_len=20480) == 512
+    assert rl.train_seq_len(300, sequence_len=2048, max_len=20480) == 320
     assert rl.train_seq_len(257, sequence_len=2048, max_len=20480) == 256
-    assert rl.train_seq_len(200, sequence_len=128, max_len=1280) == 199  # past sequence_len: exact
+    assert rl.train_seq_len(200, sequence_len=160, max_len=1280) == 199  # past sequence_len: exact
+    assert rl.train_seq_len(140, sequence_len=160, max_len=1280) == 160  # capped
     with pytest.raises(ValueError, match="lower max_new_tokens"):
         rl.train_seq_len(2000, sequence_len=128, max_len=1280)
 

@@ -1,0 +1,180 @@
+"""chat_rl end to end on a tiny random "sft" model and a tiny GSM8K-like task held in memory:
+steps, rewards, pass@k, checkpoints, logs, report, one compiled train step; clear errors."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from nanochat_jax import checkpoint, stage
+from nanochat_jax.metrics import read_jsonl
+from scripts import chat_rl
+from tests.test_chat_cli import make_tiny_base
+
+FLAGS = [
+    "--device_batch_size=2",
+    "--examples_per_step=2",
+    "--num_samples=4",
+    "--max_new_tokens=12",
+    "--eval_every=2",
+    "--eval_examples=2",
+    "--save_every=2",
+]
+
+
+class TinyMathTask:
+    """GSM8K-shaped conversations; the reward is something a random model sometimes earns
+    (an even number of characters), so advantages are not all zero."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        question = f"Tom has {i} apples and buys {i + 2} more. How many now?"
+        parts = [
+            {"type": "text", "text": "He has "},
+            {"type": "python", "text": f"{i}+{i + 2}"},
+            {"type": "python_output", "text": str(2 * i + 2)},
+            {"type": "text", "text": f" apples.\n#### {2 * i + 2}"},
+        ]
+        return {
+            "messages": [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": parts},
+            ]
+        }
+
+    def evaluate(self, conversation: dict, response: str) -> bool:
+        return len(response) % 2 == 0
+
+    def reward(self, conversation: dict, response: str) -> float:
+        return float(self.evaluate(conversation, response))
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tokenizer and a tiny random GPT saved as phase "sft" (d1, step 0)."""
+    base = tmp_path_factory.mktemp("rl_base")
+    model, _ = make_tiny_base(base)
+    params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    with checkpoint.Checkpointer(
+        checkpoint.checkpoint_dir("sft", "d1", base), async_save=False
+    ) as c:
+        c.save(0, params=params, meta={"model_config": model.config.to_dict(), "step": 0})
+    return base
+
+
+@pytest.fixture
+def env(base_dir, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(base_dir))
+    monkeypatch.setattr(chat_rl, "load_tasks", lambda: (TinyMathTask(9), TinyMathTask(3)))
+    return base_dir
+
+
+def test_tiny_run_trains_logs_saves_and_reports(env, capsys):
+    chat_rl.main(FLAGS)
+    out = capsys.readouterr().out
+    assert "Calculated number of steps: 4" in out  # 9 // 2
+    records = read_jsonl(env / "runs" / "d1" / "rl" / "metrics.jsonl")
+    train = {r["step"]: r for r in records if "train/reward" in r}
+    evals = {r["step"]: r for r in records if "eval/pass@1" in r}
+    assert sorted(train) == [0, 1, 2, 3] and sorted(evals) == [0, 2]
+    for r in train.values():
+        assert 0 <= r["train/reward"] <= 1 and r["train/sequence_length"] > 10
+        assert r["train/rollout_tok_per_sec"] > 0
+    assert [train[s]["train/lrm"] for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    for r in evals.values():  # pass@k is a non-decreasing fraction
+        passk = [r[f"eval/pass@{k}"] for k in (1, 2)]
+        assert 0 <= passk[0] <= passk[1] <= 1
+    assert any(r["train/grad_norm"] > 0 for r in train.values())  # rewards differed somewhere
+
+    rl_dir = checkpoint.checkpoint_dir("rl", "d1", env)
+    assert sorted(p.name for p in rl_dir.iterdir()) == ["000002", "000003"]
+    assert not (rl_dir / "000003" / "opt_state").exists()  # params only, like nanochat
+    meta = checkpoint.read_meta(rl_dir)
+    assert meta["step"] == 3 and meta["model_config"]["n_layer"] == 1 and "mean_reward" in meta
+    sft_model, _ = stage.load_model("sft", base_dir=env)
+    rl_model, _ = stage.load_model("rl", base_dir=env)
+    assert not np.allclose(rl_model.h[0].mlp.c_fc.kernel[...], sft_model.h[0].mlp.c_fc.kernel[...])
+
+    report = (env / "report" / "chat-rl.md").read_text()
+    assert "## Chat RL" in report and "- num_samples: 4" in report
+    assert "Engine compilations: " in out and "train step compilations: 1" in out
+
+
+def test_same_flags_same_rewards(env, capsys, tmp_path, monkeypatch):
+    """Rollout seeds are hash((step, example, sampling step)): a second run repeats the first."""
+    first = tmp_path / "a"
+    second = tmp_path / "b"
+    rewards = []
+    for base in (first, second):
+        for sub in ("tokenizer", "chatsft_checkpoints"):
+            _copy_tree(env / sub, base / sub)
+        monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(base))
+        chat_rl.main([*FLAGS, "--num_iterations=2", "--eval_every=-1"])
+        records = read_jsonl(base / "runs" / "d1" / "rl" / "metrics.jsonl")
+        rewards.append(
+            [(r["train/reward"], r["train/sequence_length"], r["train/loss"]) for r in records]
+        )
+    assert rewards[0] == rewards[1] and len(rewards[0]) == 2
+
+
+def test_real_gsm8k_on_demo_task_data(base_dir, tmp_path, monkeypatch, capsys):
+    """The default tasks: GSM8K main train/test from the offline demo data (tool-call answers)."""
+    from nanochat_jax import demo_tasks
+
+    base = tmp_path / "demo"
+    for sub in ("tokenizer", "chatsft_checkpoints"):
+        _copy_tree(base_dir / sub, base / sub)
+    monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(base))
+    demo_tasks.main(["--scale=0.01"])  # 20 train, 4 test problems
+    chat_rl.main([*FLAGS, "--num_iterations=2", "--max_new_tokens=8"])
+    out = capsys.readouterr().out
+    assert "Step 0 | Pass@1: " in out and "Step 1/2 | Average reward: " in out
+    records = read_jsonl(base / "runs" / "d1" / "rl" / "metrics.jsonl")
+    assert [r["step"] for r in records if "train/reward" in r] == [0, 1]
+
+
+def test_missing_task_data_is_one_clear_line(base_dir, tmp_path, monkeypatch):
+    base = tmp_path / "nodata"
+    for sub in ("tokenizer", "chatsft_checkpoints"):
+        _copy_tree(base_dir / sub, base / sub)
+    monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(base))
+    monkeypatch.setenv("NANOCHAT_JAX_HF_URL", "http://127.0.0.1:9")  # offline: refused at once
+    with pytest.raises(SystemExit) as info:
+        chat_rl.main(FLAGS)
+    message = str(info.value)
+    assert message.startswith("error: cannot load the GSM8K task: ") and "\n" not in message
+    assert "nanochat_jax.demo_tasks" in message and "hf_data" in message
+
+
+def _copy_tree(src, dst):
+    for path in src.rglob("*"):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--source=base"], "--source must be mid or sft"),
+        (["--num_samples=3"], "must be a multiple of --device_batch_size"),
+        (["--examples_per_step=3", "--mesh=2"], "multiple of the 2 data-parallel devices"),
+        (["--max_new_tokens=700"], "lower max_new_tokens"),
+        (["--examples_per_step=10"], "fewer than --examples_per_step=10"),
+        (["--source=mid"], "no checkpoints in"),
+    ],
+)
+def test_clear_errors(env, flags, message):
+    with pytest.raises(SystemExit) as info:
+        chat_rl.main([*FLAGS, *flags])
+    assert str(info.value).startswith("error: ") and message in str(info.value)
