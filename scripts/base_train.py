@@ -25,6 +25,8 @@ from flax import nnx
 from nanochat_jax import checkpoint, optim, report, sharding, stage, train
 from nanochat_jax.common import get_base_dir, get_logger
 from nanochat_jax.config import GPTConfig
+from nanochat_jax.core_eval import evaluate_core
+from nanochat_jax.eval_bundle import bundle_dir, no_bundle_message
 from nanochat_jax.loss_eval import evaluate_bpb
 from nanochat_jax.metrics import (
     H100_BF16_PEAK_FLOPS,
@@ -98,8 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     model_tag = cfg.model_tag or f"d{cfg.depth}"
     num_params = param_count(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))))
     steps_total = num_iterations(cfg, config, num_params)
-    if cfg.core_metric_every > 0:
-        log.warning("the CORE metric is not implemented yet: --core_metric_every is ignored")
+    core_bundle = bundle_dir() if cfg.core_metric_every > 0 else None
+    if core_bundle is not None and not (core_bundle / "core.yaml").exists():
+        log.warning("%s The CORE metric is skipped in this run.", no_bundle_message(core_bundle))
+        core_bundle = None
     dp = sharding.data_parallel_size(mesh)
     accum = train.grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, dp)
     flops_per_tok = flops_per_token(config)
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
             meta=meta,
         )
 
-    smooth_loss, min_val_bpb, val = 0.0, float("inf"), None
+    smooth_loss, min_val_bpb, val, core_metric = 0.0, float("inf"), None, None
     total_time_s, mfu, pending = 0.0, 0.0, None
     t_last = time.perf_counter()
 
@@ -257,13 +261,16 @@ def main(argv: list[str] | None = None) -> None:
         for step in range(start_step, steps_total + 1):
             last_step = step == steps_total
             do_eval = cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0)
+            do_core = core_bundle is not None and (
+                last_step or (step > 0 and step % cfg.core_metric_every == 0)
+            )
             do_sample = cfg.sample_every > 0 and (
                 last_step or (step > 0 and step % cfg.sample_every == 0)
             )
             do_save = last_step or (
                 cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0
             )
-            if pending is not None and (do_eval or do_sample or do_save):
+            if pending is not None and (do_eval or do_core or do_sample or do_save):
                 log_step(*pending)  # the host is about to wait for the device anyway
                 pending = None
             if do_eval:
@@ -271,12 +278,23 @@ def main(argv: list[str] | None = None) -> None:
                 min_val_bpb = min(min_val_bpb, val)
                 print(f"step {step:05d} | validation bpb: {val:.4f}", flush=True)
                 writer.scalars(step, {"val/bpb": val})
+            if do_core:
+                core = evaluate_core(
+                    state.model(),
+                    tokenizer,
+                    core_bundle,
+                    max_per_task=cfg.core_metric_max_per_task,
+                )
+                core_metric = core["core_metric"]
+                print(f"step {step:05d} | CORE metric: {core_metric:.4f}", flush=True)
+                centered = {f"centered_results/{k}": v for k, v in core["centered_results"].items()}
+                writer.scalars(step, {"core_metric": core_metric, **centered})
             if do_sample:
                 samples = stage.sample_completions(state.model(), tokenizer)
                 for text in samples:
                     print(text, flush=True)
                 writer.text(step, "samples", "\n\n".join(samples))
-            if do_eval or do_sample:
+            if do_eval or do_core or do_sample:
                 t_last = time.perf_counter()  # evaluation time is not training time
             if do_save:
                 save(step, val)
@@ -315,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
             {
                 "Minimum validation bpb": min_val_bpb,
                 "Final validation bpb": val,
+                "CORE metric estimate": core_metric,
                 "MFU %": f"{mfu:.2f}%",
                 "Total training flops": f"{total_flops:e}",
                 "Total training time": f"{total_time_s / 60:.2f}m",
