@@ -107,21 +107,24 @@ def test_tiny_run_trains_logs_saves_and_reports(env, capsys):
     assert "Engine compilations: " in out and "train step compilations: 1" in out
 
 
-def test_same_flags_same_rewards(env, capsys, tmp_path, monkeypatch):
-    """Rollout seeds are hash((step, example, sampling step)): a second run repeats the first."""
-    first = tmp_path / "a"
-    second = tmp_path / "b"
-    rewards = []
-    for base in (first, second):
-        for sub in ("tokenizer", "chatsft_checkpoints"):
-            _copy_tree(env / sub, base / sub)
-        monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(base))
-        chat_rl.main([*FLAGS, "--num_iterations=2", "--eval_every=-1"])
-        records = read_jsonl(base / "runs" / "d1" / "rl" / "metrics.jsonl")
-        rewards.append(
-            [(r["train/reward"], r["train/sequence_length"], r["train/loss"]) for r in records]
-        )
-    assert rewards[0] == rewards[1] and len(rewards[0]) == 2
+def _run(env, base, monkeypatch, *flags) -> list[tuple[float, float, float]]:
+    for sub in ("tokenizer", "chatsft_checkpoints"):
+        _copy_tree(env / sub, base / sub)
+    monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(base))
+    chat_rl.main([*FLAGS, "--num_iterations=2", "--eval_every=-1", *flags])
+    records = read_jsonl(base / "runs" / "d1" / "rl" / "metrics.jsonl")
+    return [(r["train/reward"], r["train/sequence_length"], r["train/loss"]) for r in records]
+
+
+def test_same_flags_same_rewards_and_two_devices_see_the_same_questions(env, tmp_path, monkeypatch):
+    """Rollout seeds are hash((step, example, sampling step)): a second run repeats the first.
+    On 2 devices, rank r takes questions r, r+2, ...: step 0 visits the same two questions with
+    the same seeds, so the same rollouts and (summed in another order) the same loss."""
+    first = _run(env, tmp_path / "a", monkeypatch)
+    assert first == _run(env, tmp_path / "b", monkeypatch) and len(first) == 2
+    two = _run(env, tmp_path / "c", monkeypatch, "--mesh=2")
+    assert first[0][2] != 0  # rewards differ within a question: a real gradient
+    assert two[0][:2] == first[0][:2] and two[0][2] == pytest.approx(first[0][2], rel=1e-5)
 
 
 def test_real_gsm8k_on_demo_task_data(base_dir, tmp_path, monkeypatch, capsys):
@@ -172,6 +175,8 @@ def _copy_tree(src, dst):
         (["--max_new_tokens=700"], "lower max_new_tokens"),
         (["--examples_per_step=10"], "fewer than --examples_per_step=10"),
         (["--source=mid"], "no checkpoints in"),
+        (["--model_step=5"], "no step 5 in"),
+        (["--dtype=float16"], "dtype must be auto, float32 or bfloat16"),
     ],
 )
 def test_clear_errors(env, flags, message):
