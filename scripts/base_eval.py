@@ -33,6 +33,8 @@ class BaseEvalConfig:
     dtype: str = "auto"  # auto = bf16 on GPU (nanochat's autocast), fp32 on CPU
     batch_rows: int = 64  # rows per device and forward
     batch_tokens: int = 8192  # rows x padded length per device and forward
+    max_seq_len: int = -1  # left-crop rows to this (-1: the model's sequence_len; nanochat crops
+    # only HF models, so its own see up to 10x sequence_len: pass that for exact parity)
 
 
 def results_csv(results: dict, centered: dict, core_metric: float) -> str:
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         max_per_task=cfg.max_per_task,
         batch_rows=cfg.batch_rows,
         batch_tokens=cfg.batch_tokens,
+        max_seq_len=cfg.max_seq_len if cfg.max_seq_len > 0 else None,
     )
     results, centered, core_metric = out["results"], out["centered_results"], out["core_metric"]
     if jax.process_index() != 0:

@@ -93,7 +93,9 @@ def test_base_eval_of_an_earlier_step_on_two_devices(env):
     csv_path = env / "base_eval" / "base_model_000002.csv"
     base_eval.main(["--step=2", "--max_per_task=8", "--model_tag=d1"])
     one_device = csv_path.read_text()
-    base_eval.main(["--step=2", "--max_per_task=8", "--model_tag=d1", "--mesh=2"])
+    base_eval.main(
+        ["--step=2", "--max_per_task=8", "--model_tag=d1", "--mesh=2", "--max_seq_len=64"]
+    )
     assert csv_path.read_text() == one_device
 
 
