@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
             f"error: --target_examples_per_step={cfg.target_examples_per_step} must be a multiple "
             f"of device_batch_size * world size = {cfg.device_batch_size} * {world}"
         )
+    if cfg.eval_every > 0 and cfg.eval_steps < 1:
+        sys.exit(f"error: --eval_steps must be >= 1 (or --eval_every=-1), got {cfg.eval_steps}")
     accum = cfg.target_examples_per_step // examples_per_step
     try:
         ranks = stage.local_ranks(world, mesh)

@@ -203,6 +203,8 @@ def test_clear_errors(base, monkeypatch):
         chat_sft.main([*FLAGS, "--source=rl"])
     with pytest.raises(SystemExit, match="must be a multiple of device_batch_size"):
         chat_sft.main([*FLAGS, "--target_examples_per_step=6"])
+    with pytest.raises(SystemExit, match="--eval_steps must be >= 1"):
+        chat_sft.main([*FLAGS, "--eval_steps=0"])
     with pytest.raises(SystemExit, match="leave no iteration to run"):
         chat_sft.main([*FLAGS, "--target_examples_per_step=128"])
 

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from nanochat_jax import checkpoint, optim, sharding, train
@@ -141,7 +142,11 @@ def test_mid_train_learns_saves_and_reports(reference):
     assert meta["step"] == steps and meta["val_bpb"] == pytest.approx(bpbs[-1])
     assert {"step", "val_bpb", "model_config", "user_config"} <= set(meta)
     assert meta["model_config"]["n_layer"] == 1 and meta["user_config"]["device_batch_size"] == 4
-    assert (ckpt_dir / f"{steps:06d}" / "opt_state").is_dir()
+    # the optimizer used the table: its last update's Muon lr and momentum
+    opt_state = ocp.StandardCheckpointer().restore(ckpt_dir / f"{steps:06d}" / "opt_state")
+    muon = opt_state[1]["inner_states"]["muon"]["inner_state"]["hyperparams"]
+    assert float(muon["learning_rate"]) == pytest.approx(0.02 * data.lr_multipliers()[-1])
+    assert float(muon["momentum"]) == pytest.approx(0.85 + 0.1 * (steps - 1) / 300)
     report = (base / "report" / "midtraining.md").read_text()
     assert "## Midtraining" in report and f"- Number of iterations: {steps}" in report
     assert "- DDP world size: 1" in report and "- Minimum validation bpb:" in report
