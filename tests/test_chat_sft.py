@@ -11,6 +11,7 @@ import pytest
 
 from nanochat_jax import checkpoint
 from nanochat_jax.chat_data import sft_micro_batches
+from nanochat_jax.demo_tasks import DemoTasksConfig, write_demo_tasks
 from nanochat_jax.metrics import read_jsonl
 from nanochat_jax.tokenizer import Tokenizer
 from scripts import chat_sft
@@ -214,3 +215,28 @@ def test_clear_errors(base, monkeypatch):
     monkeypatch.setattr(chat_sft, "load_mixtures", missing)
     with pytest.raises(SystemExit, match="cannot load the SFT tasks: no task data"):
         chat_sft.main(FLAGS)
+
+
+def test_default_mixtures_and_metrics_on_offline_demo_tasks(base_template, tmp_path, monkeypatch):
+    """nanochat's datasets and chat_eval's MMLU / ARC-Easy through the real task classes."""
+    base = tmp_path / "base"
+    shutil.copytree(base_template, base)
+    monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(base))
+    monkeypatch.setenv("NANOCHAT_JAX_HF_URL", "http://127.0.0.1:9")  # tests never download
+    with pytest.raises(SystemExit, match="cannot load the SFT tasks: .*demo_tasks"):
+        chat_sft.main(FLAGS)
+    rows = write_demo_tasks(DemoTasksConfig(scale=0.05), base)
+    train_ds, val_ds = chat_sft.load_mixtures()
+    arc = "allenai/ai2_arc"
+    assert len(train_ds) == (
+        rows[f"{arc}/ARC-Easy/train"]
+        + rows[f"{arc}/ARC-Challenge/train"]
+        + rows["openai/gsm8k/main/train"]
+        + min(rows["HuggingFaceTB/smol-smoltalk/default/train"], 10_000)
+    )
+    assert len(val_ds) == rows["HuggingFaceTB/smol-smoltalk/default/test"]
+    flags = [*FLAGS, "--max_iterations=3", "--eval_metrics_every=2"]
+    chat_sft.main([*flags, "--eval_metrics_max_problems=8"])
+    meta = checkpoint.read_meta(base / "chatsft_checkpoints" / "d1")
+    assert meta["step"] == 2 and meta["mmlu_acc"] in {i / 8 for i in range(9)}
+    assert meta["arc_easy_acc"] in {i / 8 for i in range(9)}

@@ -12,6 +12,7 @@ import pytest
 from nanochat_jax import checkpoint, optim, sharding, train
 from nanochat_jax.chat_data import MidTrainData, render_all
 from nanochat_jax.config import GPTConfig
+from nanochat_jax.demo_tasks import DemoTasksConfig, write_demo_tasks
 from nanochat_jax.metrics import read_jsonl
 from nanochat_jax.tokenizer import Tokenizer
 from scripts import mid_train
@@ -215,3 +216,27 @@ def test_clear_errors(base, tmp_path, monkeypatch):
     shutil.rmtree(base / "base_checkpoints")
     with pytest.raises(SystemExit, match="run the base stage first"):
         mid_train.main(FLAGS)
+
+
+def test_default_mixtures_on_offline_demo_tasks(base_template, tmp_path, monkeypatch):
+    """nanochat's mixtures through the real task classes: missing data, then the demo data."""
+    base = tmp_path / "base"
+    shutil.copytree(base_template, base)
+    monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(base))
+    monkeypatch.setenv("NANOCHAT_JAX_HF_URL", "http://127.0.0.1:9")  # tests never download
+    with pytest.raises(SystemExit, match="cannot load the midtraining tasks: .*demo_tasks"):
+        mid_train.main(FLAGS)
+    rows = write_demo_tasks(DemoTasksConfig(scale=0.05), base)
+    train_ds, val_ds = mid_train.load_mixtures()
+    smoltalk, gsm8k = "HuggingFaceTB/smol-smoltalk/default", "openai/gsm8k/main"
+    assert len(train_ds) == (
+        rows[f"{smoltalk}/train"] + rows["cais/mmlu/auxiliary_train/train"] + rows[f"{gsm8k}/train"]
+    )
+    assert len(val_ds) == (
+        rows[f"{smoltalk}/test"]
+        + min(rows["cais/mmlu/all/test"], 5200)
+        + min(rows[f"{gsm8k}/test"], 420)
+    )
+    mid_train.main([*FLAGS, "--num_iterations=4", "--eval_every=2"])
+    meta = checkpoint.read_meta(base / "mid_checkpoints" / "d1")
+    assert meta["step"] == 4 and meta["val_bpb"] < 8
