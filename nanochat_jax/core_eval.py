@@ -283,10 +283,11 @@ def evaluate_examples(
 
     task_meta: {"task_type", "num_fewshot" (int), "continuation_delimiter" (default " ")}.
     batch_rows / batch_tokens: rows, and rows x bucket length, per data-parallel device and
-    forward. max_seq_len: rows are left-cropped to it (default: the model's sequence_len).
+    forward. max_seq_len: rows are left-cropped to it (default: the model's rotary table, 10x
+    sequence_len, as nanochat, which crops only Hugging Face models, lets its own models see).
     mesh: default the one the model's parameters live on."""
     task_type, num_fewshot, delimiter = _check_task_meta(task_meta)
-    max_len = max_seq_len or model.config.sequence_len
+    max_len = max_seq_len or model.config.rotary_seq_len
     if not 1 < max_len <= model.config.rotary_seq_len:
         raise ValueError(
             f"max_seq_len must be in [2, {model.config.rotary_seq_len}], got {max_seq_len}"

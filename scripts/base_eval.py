@@ -33,8 +33,8 @@ class BaseEvalConfig:
     dtype: str = "auto"  # auto = bf16 on GPU (nanochat's autocast), fp32 on CPU
     batch_rows: int = 64  # rows per device and forward
     batch_tokens: int = 8192  # rows x padded length per device and forward
-    max_seq_len: int = -1  # left-crop rows to this (-1: the model's sequence_len; nanochat crops
-    # only HF models, so its own see up to 10x sequence_len: pass that for exact parity)
+    max_seq_len: int = -1  # left-crop rows to this (-1: the rotary table, 10x sequence_len, which
+    # is what nanochat's own models see: it crops only Hugging Face models)
 
 
 def results_csv(results: dict, centered: dict, core_metric: float) -> str:

@@ -206,7 +206,9 @@ def test_evaluate_core_on_demo_bundle_compiles_a_few_shapes(tok, demo_bundle):
         again = core_eval.evaluate_core(fresh, tok, demo_bundle, max_per_task=10, verbose=False)
     finally:
         stop()
-    assert 1 <= first <= 3, first  # one per length bucket used: 16, 32, 64
+    # one per length bucket used: 16, 32, 64, 128 (rows are not cropped to sequence_len 64:
+    # like nanochat, prompts may use the whole rotary table)
+    assert 1 <= first <= 4, first
     assert len(events) == first, "a second evaluation must reuse the compiled forwards"
     assert list(out["results"]) == [t.label for t in tasks]
     for task in tasks:
