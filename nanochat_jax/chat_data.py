@@ -233,7 +233,7 @@ def mid_val_batches(
     max_tokens: int = MAX_TOKENS,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """nanochat's mid_data_generator("val") for `ranks`, rendered lazily: (R*B, T) int32 pairs."""
-    _check_world(len(dataset), world_size, ranks, "val mixture")
+    _check_world(len(dataset), world_size, ranks, "val mixture")  # now, not at the first next()
     window = batch_size * seq_len + 1
 
     def windows(rank: int) -> Iterator[np.ndarray]:
@@ -244,9 +244,12 @@ def mid_val_batches(
                 yield np.asarray(buffer[:window], dtype=np.int64)
                 del buffer[:window]
 
-    streams = [windows(r) for r in ranks]
-    while True:
-        yield _inputs_targets(np.stack([next(s) for s in streams]), batch_size, seq_len)
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        streams = [windows(r) for r in ranks]
+        while True:
+            yield _inputs_targets(np.stack([next(s) for s in streams]), batch_size, seq_len)
+
+    return batches()
 
 
 # ----------------------------------------------------------------------------- SFT
@@ -264,14 +267,18 @@ def sft_micro_batches(
     """nanochat's sft_data_generator for one rank, before collation: lists of `batch_size`
     (ids, mask) pairs of rows rank, rank+W, ..., epoch after epoch (a partial batch at the end
     of an epoch is completed from the next one)."""
-    _check_world(len(dataset), world_size, [rank], "dataset")
-    batch = []
-    while True:
-        for i in range(rank, len(dataset), world_size):
-            batch.append(tokenizer.render_conversation(dataset[i], max_tokens=max_tokens))
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
+    _check_world(len(dataset), world_size, [rank], "dataset")  # now, not at the first next()
+
+    def batches() -> Iterator[list[tuple[list[int], list[int]]]]:
+        batch = []
+        while True:
+            for i in range(rank, len(dataset), world_size):
+                batch.append(tokenizer.render_conversation(dataset[i], max_tokens=max_tokens))
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = []
+
+    return batches()
 
 
 def collate_sft(

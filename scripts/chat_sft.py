@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         return length, inputs, targets
 
     try:
-        train_iters = rank_iters(train_ds)
+        train_iters, val_iters = rank_iters(train_ds), rank_iters(val_ds)
     except ValueError as e:
         sys.exit(f"error: {e}")
     val_cache: list[tuple[np.ndarray, np.ndarray]] = []
@@ -250,9 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     def val_loss() -> float:
         # the val batches are the same at every eval (nanochat re-renders them): collate once
         if not val_cache:
-            iters = rank_iters(val_ds)
             for _ in range(cfg.eval_steps):
-                _, inputs, targets = collate([[next(it) for it in iters]])
+                _, inputs, targets = collate([[next(it) for it in val_iters]])
                 val_cache.append((inputs[0], targets[0]))
         losses = [
             val_losses(state.params, state.rest, *stage_batch)

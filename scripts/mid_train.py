@@ -134,6 +134,14 @@ def main(argv: list[str] | None = None) -> None:
             accum_steps=accum,
             max_steps=cfg.num_iterations,
         )
+        val_batches = mid_val_batches(
+            tokenizer,
+            val_ds,
+            batch_size=cfg.device_batch_size,
+            seq_len=cfg.max_seq_len,
+            world_size=world,
+            ranks=ranks,
+        )
     except ValueError as e:
         sys.exit(f"error: {e}")
     steps_total = data.num_steps
@@ -216,15 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     def val_bpb() -> float:
         # the val windows are the same at every eval (nanochat re-renders them): render once
         if not val_cache:
-            batches = mid_val_batches(
-                tokenizer,
-                val_ds,
-                batch_size=cfg.device_batch_size,
-                seq_len=cfg.max_seq_len,
-                world_size=world,
-                ranks=ranks,
-            )
-            val_cache.extend(next(batches) for _ in range(eval_steps))
+            val_cache.extend(next(val_batches) for _ in range(eval_steps))
         return evaluate_bpb(
             state.model(), stage.sharded_batches(val_cache, mesh), eval_steps, token_bytes
         )

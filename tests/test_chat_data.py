@@ -262,7 +262,9 @@ def test_sft_micro_batches_stride_ranks_and_carry_over_epochs(tokenizer):
     batch = next(gen)
     assert [len(ids) for ids, _ in batch] == [4, 4]
     with pytest.raises(ValueError, match="fewer than the 8 ranks"):
-        next(sft_micro_batches(tokenizer, rows, batch_size=1, rank=0, world_size=8))
+        sft_micro_batches(tokenizer, rows, batch_size=1, rank=0, world_size=8)
+    with pytest.raises(ValueError, match="fewer than the 8 ranks"):
+        mid_val_batches(tokenizer, rows, batch_size=1, seq_len=8, world_size=8, ranks=[0])
 
 
 def test_length_buckets():

@@ -209,6 +209,10 @@ def test_clear_errors(base, monkeypatch):
     with pytest.raises(SystemExit, match="leave no iteration to run"):
         chat_sft.main([*FLAGS, "--target_examples_per_step=128"])
 
+    monkeypatch.setattr(chat_sft, "load_mixtures", lambda: (TRAIN, VAL[:3]))
+    with pytest.raises(SystemExit, match="the dataset has 3 conversations, fewer than the 4 ranks"):
+        chat_sft.main([*FLAGS, "--device_batch_size=1", "--world_size=4"])
+
     def missing():
         raise FileNotFoundError("no task data in task_data/: run python -m nanochat_jax.demo_tasks")
 

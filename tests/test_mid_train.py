@@ -207,6 +207,11 @@ def test_clear_errors(base, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="too small"):
         mid_train.main([*FLAGS, "--device_batch_size=128", "--total_batch_size=8192"])
 
+    monkeypatch.setattr(mid_train, "load_mixtures", lambda: (TRAIN, VAL[:3]))
+    flags = [*FLAGS, "--device_batch_size=1", "--world_size=4"]
+    with pytest.raises(SystemExit, match="the val mixture has 3 conversations, fewer than the 4"):
+        mid_train.main(flags)
+
     def missing():
         raise FileNotFoundError("no task data in task_data/: run python -m nanochat_jax.demo_tasks")
 
