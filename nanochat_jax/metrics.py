@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -53,6 +54,75 @@ def mfu_percent(
             f"{peak_flops_per_device}"
         )
     return 100.0 * tokens_per_s * flops_per_token / (peak_flops_per_device * num_devices)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    loss: float
+    loss_smooth: float  # debiased EMA (beta 0.9) of the loss since the run (re)started
+    dt: float  # seconds since the previous step
+    tokens_per_s: float
+    mfu: float  # percent
+    total_time_s: float  # training time so far, without the first 10 steps of this process
+
+    def scalars(self) -> dict[str, float]:
+        """The TensorBoard/JSONL scalars of a training step."""
+        return {
+            "train/loss": self.loss,
+            "train/loss_smooth": self.loss_smooth,
+            "train/dt": self.dt,
+            "train/tok_per_sec": self.tokens_per_s,
+            "train/mfu": self.mfu,
+        }
+
+
+class StepClock:
+    """Per-step throughput and smoothed loss, exactly as nanochat's training loops compute them.
+
+    Call `tick(step, loss)` once per finished step; call `restart()` after an evaluation so its
+    time is not counted as training time. The first 10 steps after (re)start (compilation,
+    warm-up) are left out of `total_time_s`, as nanochat does.
+    """
+
+    def __init__(
+        self,
+        *,
+        tokens_per_step: int,
+        flops_per_token: float,
+        num_devices: int,
+        peak_flops_per_device: float,
+        start_step: int = 0,
+    ):
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.num_devices, self.peak_flops = num_devices, peak_flops_per_device
+        self.start_step = start_step
+        self.total_time_s, self.mfu = 0.0, 0.0
+        self._smooth = 0.0
+        self._t_last = time.perf_counter()
+
+    def restart(self) -> None:
+        self._t_last = time.perf_counter()
+
+    def tick(self, step: int, loss: float) -> StepStats:
+        now = time.perf_counter()
+        dt, self._t_last = now - self._t_last, now
+        self._smooth = 0.9 * self._smooth + 0.1 * loss
+        smooth = self._smooth / (1 - 0.9 ** (step - self.start_step + 1))
+        tokens_per_s = self.tokens_per_step / dt
+        self.mfu = mfu_percent(
+            tokens_per_s,
+            self.flops_per_token,
+            num_devices=self.num_devices,
+            peak_flops_per_device=self.peak_flops,
+        )
+        if step > self.start_step + 10:
+            self.total_time_s += dt
+        return StepStats(loss, smooth, dt, tokens_per_s, self.mfu, self.total_time_s)
+
+    def eta_s(self, step: int, steps_total: int) -> float:
+        """Seconds left after `step`, from the mean time of the timed steps (0 before any)."""
+        timed = step - self.start_step - 10
+        return (steps_total - step - 1) * self.total_time_s / timed if timed > 0 else 0.0
 
 
 class MetricsWriter:

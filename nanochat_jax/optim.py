@@ -60,6 +60,13 @@ class OptimConfig:
     def adam_lr_scale(self) -> float:
         return (self.model_dim / _LR_REFERENCE_DIM) ** -0.5
 
+    @classmethod
+    def from_flags(cls, flags: object, model_dim: int, **overrides: object) -> OptimConfig:
+        """From a stage's flags (nanochat's names embedding_lr, unembedding_lr, matrix_lr,
+        weight_decay), plus overrides, e.g. grad_clip=0.0 for the stages that do not clip."""
+        names = ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay")
+        return cls(model_dim=model_dim, **{n: getattr(flags, n) for n in names}, **overrides)
+
 
 # ----------------------------------------------------------------------------- Muon
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import time
 
 import jax
 import numpy as np
@@ -31,8 +30,8 @@ from nanochat_jax.loss_eval import evaluate_bpb
 from nanochat_jax.metrics import (
     H100_BF16_PEAK_FLOPS,
     MetricsWriter,
+    StepClock,
     flops_per_token,
-    mfu_percent,
     param_count,
 )
 from nanochat_jax.model import GPT
@@ -122,14 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         steps_total * cfg.total_batch_size / num_params,
     )
 
-    opt_cfg = optim.OptimConfig(
-        model_dim=config.n_embd,
-        embedding_lr=cfg.embedding_lr,
-        unembedding_lr=cfg.unembedding_lr,
-        matrix_lr=cfg.matrix_lr,
-        weight_decay=cfg.weight_decay,
-        grad_clip=cfg.grad_clip,
-    )
+    opt_cfg = optim.OptimConfig.from_flags(cfg, config.n_embd, grad_clip=cfg.grad_clip)
     lr_schedule = optim.lr_multiplier_schedule(
         steps_total, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac
     )
@@ -212,47 +204,36 @@ def main(argv: list[str] | None = None) -> None:
             meta=meta,
         )
 
-    smooth_loss, min_val_bpb, val, core_metric = 0.0, float("inf"), None, None
-    total_time_s, mfu, pending = 0.0, 0.0, None
-    t_last = time.perf_counter()
+    min_val_bpb, val, core_metric, pending = float("inf"), None, None, None
+    clock = StepClock(
+        tokens_per_step=cfg.total_batch_size,
+        flops_per_token=flops_per_tok,
+        num_devices=mesh.size,
+        peak_flops_per_device=cfg.peak_flops,
+        start_step=start_step,
+    )
 
     def log_step(step, metrics):
         """Host-side logging of a finished step (called one step late: never blocks the device)."""
-        nonlocal smooth_loss, total_time_s, mfu, t_last
         loss = float(metrics["loss"])
-        now = time.perf_counter()
-        dt = now - t_last
-        t_last = now
         if not math.isfinite(loss):
             sys.exit(f"error: loss is {loss} at step {step}; stopping (lower the lrs?)")
-        smooth_loss = 0.9 * smooth_loss + 0.1 * loss
-        debiased = smooth_loss / (1 - 0.9 ** (step - start_step + 1))
-        tokens_per_s = cfg.total_batch_size / dt
-        mfu = mfu_percent(
-            tokens_per_s, flops_per_tok, num_devices=mesh.size, peak_flops_per_device=cfg.peak_flops
-        )
-        if step > start_step + 10:
-            total_time_s += dt
+        s = clock.tick(step, loss)
         lrm = float(lrm_by_step[step])
-        done = step + 1 - start_step
-        eta_s = (steps_total - step - 1) * (total_time_s / max(1, done - 11)) if done > 11 else 0
         if step % cfg.log_every == 0 or step == steps_total - 1:
             print(
                 f"step {step:05d}/{steps_total:05d} ({100 * (step + 1) / steps_total:.2f}%) | "
-                f"loss: {debiased:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | "
-                f"tok/sec: {tokens_per_s:,.0f} | mfu: {mfu:.2f} | "
-                f"total time: {total_time_s / 60:.2f}m | eta: {eta_s / 60:.1f}m",
+                f"loss: {s.loss_smooth:.6f} | lrm: {lrm:.2f} | dt: {s.dt * 1000:.2f}ms | "
+                f"tok/sec: {s.tokens_per_s:,.0f} | mfu: {s.mfu:.2f} | "
+                f"total time: {s.total_time_s / 60:.2f}m | "
+                f"eta: {clock.eta_s(step, steps_total) / 60:.1f}m",
                 flush=True,
             )
         writer.scalars(
             step,
             {
-                "train/loss": loss,
-                "train/loss_smooth": debiased,
+                **s.scalars(),
                 "train/lrm": lrm,
-                "train/dt": dt,
-                "train/tok_per_sec": tokens_per_s,
-                "train/mfu": mfu,
                 "train/grad_norm": float(metrics["grad_norm"]),
             },
         )
@@ -295,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(text, flush=True)
                 writer.text(step, "samples", "\n\n".join(samples))
             if do_eval or do_core or do_sample:
-                t_last = time.perf_counter()  # evaluation time is not training time
+                clock.restart()  # evaluation time is not training time
             if do_save:
                 save(step, val)
             if last_step:
@@ -334,14 +315,15 @@ def main(argv: list[str] | None = None) -> None:
                 "Minimum validation bpb": min_val_bpb,
                 "Final validation bpb": val,
                 "CORE metric estimate": core_metric,
-                "MFU %": f"{mfu:.2f}%",
+                "MFU %": f"{clock.mfu:.2f}%",
                 "Total training flops": f"{total_flops:e}",
-                "Total training time": f"{total_time_s / 60:.2f}m",
+                "Total training time": f"{clock.total_time_s / 60:.2f}m",
             },
         ],
     )
     print(
-        f"Total training time: {total_time_s / 60:.2f}m; minimum validation bpb: {min_val_bpb:.4f}"
+        f"Total training time: {clock.total_time_s / 60:.2f}m; "
+        f"minimum validation bpb: {min_val_bpb:.4f}"
     )
 
 

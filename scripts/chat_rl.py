@@ -143,14 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Total sequences per step: {cfg.examples_per_step * cfg.num_samples}")
     print(f"Calculated examples per rank: {examples_per_rank}")
 
-    opt_cfg = optim.OptimConfig(
-        model_dim=config.n_embd,
-        embedding_lr=cfg.embedding_lr,
-        unembedding_lr=cfg.unembedding_lr,
-        matrix_lr=cfg.matrix_lr,
-        weight_decay=cfg.weight_decay,
-        grad_clip=0.0,  # nanochat's RL does not clip, and keeps Muon's momentum at 0.95
-    )
+    # nanochat's RL does not clip, and keeps Muon's momentum at 0.95
+    opt_cfg = optim.OptimConfig.from_flags(cfg, config.n_embd, grad_clip=0.0)
     lr_schedule = optim.linear_decay_schedule(num_steps, cfg.init_lr_frac)
 
     def make_optimizer(params):

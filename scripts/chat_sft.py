@@ -153,15 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{cfg.device_batch_size} rows per rank, {world} ranks)"
     )
 
-    opt_cfg = optim.OptimConfig(
-        model_dim=config.n_embd,
-        embedding_lr=cfg.embedding_lr,
-        unembedding_lr=cfg.unembedding_lr,
-        matrix_lr=cfg.matrix_lr,
-        weight_decay=cfg.weight_decay,
-        muon_momentum=0.95,
-        grad_clip=0.0,
-    )
+    opt_cfg = optim.OptimConfig.from_flags(cfg, config.n_embd, muon_momentum=0.95, grad_clip=0.0)
     lr_schedule = optim.linear_decay_schedule(num_iterations, cfg.init_lr_frac)
 
     def make_optimizer(params):

@@ -28,7 +28,7 @@ from nanochat_jax.chat_data import MidTrainData, mid_val_batches, render_all
 from nanochat_jax.common import get_base_dir, get_logger
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.loss_eval import evaluate_bpb
-from nanochat_jax.metrics import H100_BF16_PEAK_FLOPS, MetricsWriter, flops_per_token, mfu_percent
+from nanochat_jax.metrics import H100_BF16_PEAK_FLOPS, MetricsWriter, StepClock, flops_per_token
 from nanochat_jax.tokenizer import get_token_bytes, get_tokenizer
 
 log = get_logger("mid_train")
@@ -152,14 +152,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{cfg.max_seq_len} per rank, {world} ranks); one epoch is {data.epoch_steps} steps"
     )
 
-    opt_cfg = optim.OptimConfig(
-        model_dim=config.n_embd,
-        embedding_lr=cfg.embedding_lr,
-        unembedding_lr=cfg.unembedding_lr,
-        matrix_lr=cfg.matrix_lr,
-        weight_decay=cfg.weight_decay,
-        grad_clip=0.0,  # nanochat clips only in base training
-    )
+    # nanochat clips only in base training
+    opt_cfg = optim.OptimConfig.from_flags(cfg, config.n_embd, grad_clip=0.0)
     lrm_table = jnp.asarray(lrm_by_step)
     last = len(lrm_by_step) - 1
 
@@ -240,45 +234,36 @@ def main(argv: list[str] | None = None) -> None:
         }
         ckpt.save(step, params=state.params, opt_state=state.opt_state, meta=meta)
 
-    smooth_loss, min_val_bpb, val = 0.0, float("inf"), None
-    total_time_s, pending = 0.0, None
-    t_last = time.perf_counter()
+    min_val_bpb, val, pending = float("inf"), None, None
+    clock = StepClock(
+        tokens_per_step=cfg.total_batch_size,
+        flops_per_token=flops_per_tok,
+        num_devices=mesh.size,
+        peak_flops_per_device=cfg.peak_flops,
+        start_step=start_step,
+    )
 
     def log_step(step, metrics):
         """Host-side logging of a finished step (one step late: never blocks the device)."""
-        nonlocal smooth_loss, total_time_s, t_last
         loss = float(metrics["loss"])
-        now = time.perf_counter()
-        dt, t_last = now - t_last, now
         if not math.isfinite(loss):
             sys.exit(f"error: loss is {loss} at step {step}; stopping (lower the lrs?)")
-        smooth_loss = 0.9 * smooth_loss + 0.1 * loss
-        debiased = smooth_loss / (1 - 0.9 ** (step - start_step + 1))
-        tokens_per_s = cfg.total_batch_size / dt
-        mfu = mfu_percent(
-            tokens_per_s, flops_per_tok, num_devices=mesh.size, peak_flops_per_device=cfg.peak_flops
-        )
-        if step > start_step + 10:
-            total_time_s += dt
+        s = clock.tick(step, loss)
         lrm = float(lrm_by_step[step])
         if step % cfg.log_every == 0 or step == steps_total - 1:
             print(
                 f"step {step:05d}/{steps_total:05d} ({100 * data.progress[step]:.2f}%) | "
-                f"loss: {debiased:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | "
-                f"tok/sec: {tokens_per_s:,.0f} | mfu: {mfu:.2f} | "
-                f"total time: {total_time_s / 60:.2f}m",
+                f"loss: {s.loss_smooth:.6f} | lrm: {lrm:.2f} | dt: {s.dt * 1000:.2f}ms | "
+                f"tok/sec: {s.tokens_per_s:,.0f} | mfu: {s.mfu:.2f} | "
+                f"total time: {s.total_time_s / 60:.2f}m",
                 flush=True,
             )
         writer.scalars(
             step,
             {
-                "train/loss": loss,
-                "train/loss_smooth": debiased,
+                **s.scalars(),
                 "train/lrm": lrm,
                 "train/progress": float(data.progress[step]),
-                "train/dt": dt,
-                "train/tok_per_sec": tokens_per_s,
-                "train/mfu": mfu,
                 "train/grad_norm": float(metrics["grad_norm"]),
             },
         )
@@ -299,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
                 min_val_bpb = min(min_val_bpb, val)
                 print(f"step {step:05d} | validation bpb: {val:.4f}", flush=True)
                 writer.scalars(step, {"val/bpb": val})
-                t_last = time.perf_counter()  # evaluation time is not training time
+                clock.restart()  # evaluation time is not training time
             if do_save:
                 save(step, val)
             if last_step:
@@ -321,7 +306,8 @@ def main(argv: list[str] | None = None) -> None:
         writer.close()
 
     print(
-        f"Total training time: {total_time_s / 60:.2f}m; minimum validation bpb: {min_val_bpb:.4f}"
+        f"Total training time: {clock.total_time_s / 60:.2f}m; "
+        f"minimum validation bpb: {min_val_bpb:.4f}"
     )
     if not cfg.dry_run:
         report.log_section(

@@ -65,3 +65,31 @@ def test_metrics_writer_tensorboard_and_jsonl(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "train/lo')  # a run killed mid-write
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 2
+
+
+def test_step_clock_matches_nanochat_formulas(monkeypatch):
+    from nanochat_jax import metrics
+
+    times = iter([100.0, 101.0, 103.0] + [103.0 + 2 * i for i in range(1, 20)] + [500.0, 502.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(times))
+    clock = metrics.StepClock(
+        tokens_per_step=1000,
+        flops_per_token=6e6,
+        num_devices=2,
+        peak_flops_per_device=1e12,
+        start_step=5,
+    )
+    s = clock.tick(5, 2.0)
+    assert (s.dt, s.tokens_per_s) == (1.0, 1000.0)
+    assert s.loss_smooth == pytest.approx(2.0)  # the debiased EMA of one step is that loss
+    assert s.mfu == pytest.approx(100 * 1000 * 6e6 / 2e12)
+    s = clock.tick(6, 1.0)
+    assert s.loss_smooth == pytest.approx((0.9 * 0.2 + 0.1) / (1 - 0.81))
+    assert s.dt == 2.0 and s.total_time_s == 0.0  # the first 10 steps are not timed
+    for step in range(7, 26):
+        s = clock.tick(step, 1.0)
+    assert s.total_time_s == 2.0 * (25 - 15)  # steps 16..25
+    assert clock.eta_s(25, 100) == pytest.approx(74 * 2.0)
+    assert clock.eta_s(12, 100) == 0.0
+    clock.restart()  # an evaluation ran: its 398 s are not a step's time
+    assert clock.tick(26, 1.0).dt == 2.0
