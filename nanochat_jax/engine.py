@@ -285,6 +285,8 @@ class Engine:
             params = jax.tree.map(
                 lambda x: x.astype(self.compute_dtype) if floats(x) else x, params
             )
+        # device arrays even for a model built from host (numpy) weights: set_params needs them
+        params = jax.tree.map(jnp.asarray, params)
         self._graphdef, self._params = graphdef, params
         self._traces = 0
         self._prefill = jax.jit(

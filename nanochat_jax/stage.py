@@ -139,20 +139,36 @@ def load_model_dir(
     return nnx.merge(graphdef, params, rest), {**restored.meta, "step": restored.step}
 
 
-def sample_completions(model: GPT, tokenizer, max_tokens: int = 16) -> list[str]:
-    """Greedy continuations of SAMPLE_PROMPTS (each prefixed with <|bos|>), as nanochat prints."""
-    from nanochat_jax.engine import Engine
+class Sampler:
+    """Greedy continuations of SAMPLE_PROMPTS (each prefixed with <|bos|>), as nanochat prints
+    them during training. One Engine serves every call: the model's current weights are swapped
+    in, so its prefill/decode compile once per run, not once per sample step."""
 
-    engine = Engine(model, tokenizer)
-    bos = tokenizer.get_bos_token_id()
-    texts = []
-    for prompt in SAMPLE_PROMPTS:
-        tokens = tokenizer.encode(prompt, prepend=bos)
-        results, _ = engine.generate_batch(
-            tokens, num_samples=1, max_tokens=max_tokens, temperature=0
-        )
-        texts.append(tokenizer.decode(results[0]))
-    return texts
+    def __init__(self, tokenizer, max_tokens: int = 16):
+        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+        self.engine = None
+
+    def __call__(self, model: GPT) -> list[str]:
+        from nanochat_jax.engine import Engine
+
+        if self.engine is None:
+            self.engine = Engine(model, self.tokenizer)
+        else:
+            self.engine.set_params(model)
+        bos = self.tokenizer.get_bos_token_id()
+        texts = []
+        for prompt in SAMPLE_PROMPTS:
+            tokens = self.tokenizer.encode(prompt, prepend=bos)
+            results, _ = self.engine.generate_batch(
+                tokens, num_samples=1, max_tokens=self.max_tokens, temperature=0
+            )
+            texts.append(self.tokenizer.decode(results[0]))
+        return texts
+
+
+def sample_completions(model: GPT, tokenizer, max_tokens: int = 16) -> list[str]:
+    """One-off Sampler call (base_loss samples once)."""
+    return Sampler(tokenizer, max_tokens)(model)
 
 
 def source_checkpoint(

@@ -205,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     min_val_bpb, val, core_metric, pending = float("inf"), None, None, None
+    sampler = stage.Sampler(tokenizer)
     clock = StepClock(
         tokens_per_step=cfg.total_batch_size,
         flops_per_token=flops_per_tok,
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
                 centered = {f"centered_results/{k}": v for k, v in core["centered_results"].items()}
                 writer.scalars(step, {"core_metric": core_metric, **centered})
             if do_sample:
-                samples = stage.sample_completions(state.model(), tokenizer)
+                samples = sampler(state.model())
                 for text in samples:
                     print(text, flush=True)
                 writer.text(step, "samples", "\n\n".join(samples))
