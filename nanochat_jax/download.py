@@ -131,7 +131,15 @@ def _fetch(
 
 
 class CorruptDownload(Exception):
-    """Raised by a `verify` callback: the downloaded bytes are not a valid file."""
+    """Raised by a `verify` callback: the downloaded bytes are not a valid file.
+
+    permanent=True: the file arrived whole but is the wrong file (e.g. a zip without the
+    expected contents), so downloading it again cannot help and is not tried.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
 
 
 def download_file(
@@ -168,6 +176,8 @@ def download_file(
         except CorruptDownload as e:
             tmp.unlink(missing_ok=True)  # never keep (nor resume) a bad file
             error = f"corrupt download: {e}"
+            if e.permanent:
+                return f"{error} (not retried: a complete file with the wrong contents)"
         except (OSError, http.client.HTTPException) as e:
             # a partial .tmp stays: the next attempt (or run) continues it with a Range request
             error = f"{e.__class__.__name__}: {e}"

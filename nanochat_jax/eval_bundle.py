@@ -162,7 +162,7 @@ def _safe_members(archive: zipfile.ZipFile) -> list[str]:
     for name in archive.namelist():
         parts = Path(name).parts
         if name.startswith("/") or ".." in parts:
-            raise CorruptDownload(f"zip member {name!r} points outside the bundle")
+            raise CorruptDownload(f"zip member {name!r} points outside the bundle", permanent=True)
         if parts and parts[0] == BUNDLE_NAME:
             names.append(name)
     return names
@@ -173,7 +173,7 @@ def verify_bundle_zip(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             if f"{BUNDLE_NAME}/core.yaml" not in _safe_members(archive):
-                raise CorruptDownload(f"the zip holds no {BUNDLE_NAME}/core.yaml")
+                raise CorruptDownload(f"the zip holds no {BUNDLE_NAME}/core.yaml", permanent=True)
             bad = archive.testzip()  # reads every member: catches wrong bytes glued by a resume
             if bad is not None:
                 raise CorruptDownload(f"zip member {bad!r} fails its CRC check")

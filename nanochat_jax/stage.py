@@ -38,7 +38,10 @@ def setup_devices(mesh_spec: str) -> jax.sharding.Mesh:
         from nanochat_jax.train import configure_gpu_performance
 
         configure_gpu_performance()
-    mesh = sharding.make_mesh(mesh_spec)
+    try:
+        mesh = sharding.make_mesh(mesh_spec)
+    except ValueError as e:  # a bad --mesh: one line, not a traceback
+        raise SystemExit(f"error: {e}") from None
     log.info("mesh %s on %d %s device(s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
     return mesh
 

@@ -50,3 +50,14 @@ def test_cancelled(tmp_path):
         error = download_file(f"{server.url}/y", tmp_path / "y", cfg=FAST, stop=stop)
     assert error == "cancelled"
     assert not (tmp_path / "y").exists()
+
+
+def test_permanent_corruption_is_not_retried(tmp_path):
+    def verify(path):
+        raise CorruptDownload("the zip holds no eval_bundle/core.yaml", permanent=True)
+
+    with FaultServer({"b.zip": BODY}) as server:
+        error = download_file(f"{server.url}/b.zip", tmp_path / "b.zip", cfg=FAST, verify=verify)
+    assert error.startswith("corrupt download: the zip holds no eval_bundle/core.yaml (not retried")
+    assert len(server.requests["b.zip"]) == 1
+    assert list(tmp_path.iterdir()) == []

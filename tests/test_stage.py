@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from nanochat_jax import stage
 from tests.test_chat_cli import make_tiny_base
 
@@ -19,3 +21,10 @@ def test_sampler_reuses_one_engine_and_follows_the_weights(tmp_path):
     assert first != second
     assert all(text.startswith("<|bos|>") for text in first)
     assert len(first) == len(stage.SAMPLE_PROMPTS)
+
+
+@pytest.mark.parametrize("spec", ["foo", "16", "data=2,fsdp=9"])
+def test_bad_mesh_is_one_error_line(spec):
+    with pytest.raises(SystemExit) as e:
+        stage.setup_devices(spec)
+    assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
