@@ -29,7 +29,7 @@ from pathlib import Path
 
 from nanochat_jax.common import atomic_write_text, get_base_dir, get_logger
 
-log = get_logger(__name__)
+log = get_logger("nanochat_jax.report")  # not __name__: "__main__" under python -m
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TITLE = "nanochat-jax training report"
@@ -100,6 +100,8 @@ def _format_value(value: object) -> str:
 def render_section(section: str, items: Iterable[str | dict], now: datetime.datetime) -> str:
     lines = [f"## {section}", f"timestamp: {now:%Y-%m-%d %H:%M:%S}", ""]
     for item in items:
+        if not item:  # nanochat skips empty items (e.g. no ChatCORE when not all tasks ran)
+            continue
         if isinstance(item, dict):
             lines += [f"- {key}: {_format_value(value)}" for key, value in item.items()]
         else:
@@ -445,6 +447,11 @@ def generate(base_dir: str | Path | None = None, copy_to: str | Path | None = No
     for path in sorted(folder.glob("*.md")):
         if path.stem not in known:
             log.warning(f"{path} is not a section of the pipeline, left out of the report")
+    if header is None and not sections:
+        raise FileNotFoundError(
+            f"nothing to report in {folder}: no header.md and no stage sections (run "
+            "`python -m nanochat_jax.report reset` at the start of a run, then the stages)"
+        )
     text = render_report(header, sections)
     out = folder / "report.md"
     atomic_write_text(out, text)
@@ -483,7 +490,11 @@ def main(argv: list[str] | None = None) -> int:
         path = reset()
         print(f"Reset the report and wrote its header to {path}")
     else:
-        generate(copy_to=None if args.no_copy else Path.cwd())
+        try:
+            generate(copy_to=None if args.no_copy else Path.cwd())
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -146,6 +146,8 @@ def test_render_is_deterministic_given_time():
     now = datetime.datetime(2026, 11, 28, 12, 0, 0)
     text = report.render_section("Tokenizer training", [{"a": 1.5}], now)
     assert text == "## Tokenizer training\ntimestamp: 2026-11-28 12:00:00\n\n- a: 1.5000\n"
+    # empty items are skipped, as nanochat's report.log does
+    assert report.render_section("Tokenizer training", [{}, None, "", {"a": 1.5}], now) == text
 
 
 def _project(tmp_path):
@@ -346,6 +348,11 @@ def test_metrics_are_read_by_exact_name():
 def test_cli(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(tmp_path / "base"))
     monkeypatch.chdir(tmp_path)
+    # nothing at all to report: one error line, and no report.md anywhere
+    assert report.main(["generate"]) == 2
+    assert "error: nothing to report in" in capsys.readouterr().err
+    assert not (tmp_path / "report.md").exists()
+    (tmp_path / "base" / "report" / "chat-sft.md").write_text("## Chat SFT\n\n- a: 1\n")
     assert report.main(["generate", "--no-copy"]) == 0
     assert (tmp_path / "base" / "report" / "report.md").exists()
     assert not (tmp_path / "report.md").exists()
