@@ -18,6 +18,7 @@ import sys
 from nanochat_jax import report
 from nanochat_jax.chat_eval import BASELINE_ACCURACY, chatcore_metric, load_task, run_chat_eval
 from nanochat_jax.common import get_logger
+from nanochat_jax.hf_data import is_demo
 
 log = get_logger("chat_eval")
 
@@ -115,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     chatcore_item = {} if chatcore is None else {"ChatCORE metric": chatcore}
     if chatcore is not None:
         print(f"ChatCORE metric: {chatcore:.4f}")
+    demo = {"Task data": "offline demo (not comparable with nanochat)"} if is_demo() else {}
     path = report.log_section(
-        f"Chat evaluation {args.source}", [vars(args), results, chatcore_item]
+        f"Chat evaluation {args.source}", [vars(args), demo, results, chatcore_item]
     )
     log.info("report section written to %s", path)
     return 0

@@ -389,6 +389,7 @@ def test_script_all_tasks_and_report(demo_base, monkeypatch, capsys):
     assert text.startswith("## Chat evaluation sft\n")
     for key, value in {"source": "sft", "task_name": "None", "max_problems": "6"}.items():
         assert items[key] == value
+    assert items["Task data"] == "offline demo (not comparable with nanochat)"
     accuracies = {name: float(items[name]) for name in chat_eval.BASELINE_ACCURACY}
     for name, acc in accuracies.items():
         assert f"{name} accuracy: " in out
