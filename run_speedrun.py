@@ -8,7 +8,9 @@ Standard library only: it makes the uv environment first (installing uv with pip
 then runs `python -m <stage module> <preset flags>` inside it. A stage is skipped when the files
 it produces already exist (`--force` redoes it), and the run stops at the first failing stage.
 Presets live in configs/<name>.toml: per stage `module`, optional `argv` (positional arguments),
-`args` (flags), `outputs` (files under the base dir that mark it done), `mesh`, `resumable`.
+`args` (flags), `outputs` (files under the base dir that mark it done), `mesh`, `resumable`,
+`background` (start it and go on, like nanochat's `dataset -n 240 &`) and `wait_for` (names of
+background stages that must finish first).
 """
 
 from __future__ import annotations
@@ -107,33 +109,58 @@ def run_stages(preset: dict, python: Path, args: argparse.Namespace) -> None:
                 + ", ".join(s["name"] for s in stages)
             )
     _say(f"preset {args.preset}: base dir {base_dir}")
-    for stage in stages:
-        name, module = stage["name"], stage["module"]
-        if wanted and name not in wanted:
-            continue
-        if not _module_exists(module):
-            _say(f"stage {name}: {module} is not built yet, skipping")
-            continue
-        outputs = [base_dir / p for p in stage.get("outputs", [])]
-        if outputs and all(p.exists() for p in outputs) and not args.force:
-            _say(f"stage {name}: outputs exist, skipping (--force to redo)")
-            continue
-        cmd = [str(python), "-m", module, *stage.get("argv", [])] + _flags(stage.get("args", {}))
-        if stage.get("mesh", False):
-            cmd.append(f"--mesh={args.mesh}")
-        if stage.get("resumable", False) and args.resume:
-            cmd.append("--resume")
-        _say(f"stage {name}: {' '.join(cmd[1:])}")
-        t0 = time.time()
-        result = subprocess.run(cmd, cwd=ROOT, env=env)
-        if result.returncode != 0:
-            sys.exit(
-                f"error: stage {name!r} failed with exit code {result.returncode} after "
-                f"{time.time() - t0:.0f}s. Fix the problem above and rerun; finished stages "
-                "are skipped (add --resume to continue training from its last checkpoint)."
-            )
-        _say(f"stage {name}: done in {time.time() - t0:.0f}s")
+    background: dict[str, tuple[subprocess.Popen, float]] = {}  # name -> (process, start)
+    try:
+        for stage in stages:
+            name, module = stage["name"], stage["module"]
+            if wanted and name not in wanted:
+                continue
+            for other in stage.get("wait_for", []):
+                if other in background:
+                    _wait_background(other, *background.pop(other))
+            if not _module_exists(module):
+                _say(f"stage {name}: {module} is not built yet, skipping")
+                continue
+            outputs = [base_dir / p for p in stage.get("outputs", [])]
+            if outputs and all(p.exists() for p in outputs) and not args.force:
+                _say(f"stage {name}: outputs exist, skipping (--force to redo)")
+                continue
+            cmd = [str(python), "-m", module, *stage.get("argv", [])]
+            cmd += _flags(stage.get("args", {}))
+            if stage.get("mesh", False):
+                cmd.append(f"--mesh={args.mesh}")
+            if stage.get("resumable", False) and args.resume:
+                cmd.append("--resume")
+            if stage.get("background", False):
+                _say(f"stage {name} (in the background): {' '.join(cmd[1:])}")
+                background[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env), time.time())
+                continue
+            _say(f"stage {name}: {' '.join(cmd[1:])}")
+            t0 = time.time()
+            result = subprocess.run(cmd, cwd=ROOT, env=env)
+            _check_result(name, result.returncode, t0)
+        for name in list(background):
+            _wait_background(name, *background.pop(name))
+    finally:  # a failed stage or Ctrl-C: do not leave downloads running behind the user's back
+        for process, _ in background.values():
+            process.terminate()
     _say(f"all stages done; the report is in {base_dir / 'report'}")
+
+
+def _check_result(name: str, returncode: int, t0: float) -> None:
+    if returncode != 0:
+        sys.exit(
+            f"error: stage {name!r} failed with exit code {returncode} after "
+            f"{time.time() - t0:.0f}s. Fix the problem above and rerun; finished stages "
+            "are skipped (add --resume to continue training from its last checkpoint)."
+        )
+    _say(f"stage {name}: done in {time.time() - t0:.0f}s")
+
+
+def _wait_background(name: str, process: subprocess.Popen, t0: float) -> None:
+    if process.poll() is None:
+        _say(f"waiting for the background stage {name}")
+    _check_result(name, process.wait(), t0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -71,6 +71,38 @@ def test_positional_argv_reach_the_module(tmp_path, capsys):
     assert "Run started:" in (tmp_path / "report" / "header.md").read_text()
 
 
+def test_background_stage_runs_alongside_and_is_waited_for(tmp_path, capsys):
+    # the background stage sleeps, then writes a file; the next stage must not wait for it,
+    # the one that names it in wait_for must
+    slow = {"name": "slow", "module": "nanochat_jax.report", "argv": ["reset"], "background": True}
+    after = dict(DATA, name="after")  # runs while slow is still going
+    needs = {
+        "name": "needs",
+        "module": "nanochat_jax.report",
+        "argv": ["generate", "--no-copy"],
+        "wait_for": ["slow"],
+    }
+    run_speedrun.run_stages(_preset(slow, after, needs), Path(sys.executable), _args(tmp_path))
+    out = capsys.readouterr().out
+    assert out.index("stage slow (in the background)") < out.index("stage after: -m")
+    assert out.index("stage slow: done") < out.index("stage needs: -m")
+    assert (tmp_path / "report" / "report.md").exists()  # generate found reset's header
+
+    bad = dict(slow, name="bad", argv=["nope"])
+    with pytest.raises(SystemExit, match="stage 'bad' failed with exit code 2"):
+        run_speedrun.run_stages(_preset(bad, after), Path(sys.executable), _args(tmp_path))
+
+
+def test_presets_wait_for_background_stages_they_start():
+    for path in sorted(run_speedrun.CONFIG_DIR.glob("*.toml")):
+        stages = run_speedrun.load_preset(path.stem)["stage"]
+        started = set()
+        for stage in stages:
+            assert set(stage.get("wait_for", [])) <= started, (path.name, stage["name"])
+            if stage.get("background"):
+                started.add(stage["name"])
+
+
 def test_stops_at_the_first_failure(tmp_path):
     bad = {"name": "tok_train", "module": "scripts.tok_train", "args": {"vocab_size": 10}}
     after = dict(DATA, name="after")
