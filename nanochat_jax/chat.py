@@ -46,7 +46,9 @@ def stream_reply(
     seed: int,
 ) -> Iterator[tuple[int, str]]:
     """(token, printable text) of one sampled reply to `prompt`, up to its stop token (which is
-    not yielded). At most `max_tokens`, and never past the model's context."""
+    not yielded). At most `max_tokens`, and never past the context the model was trained on
+    (deliberately: nanochat lets a chat run on into its 10x rotary table, where a model that never
+    saw such positions degrades)."""
     room = engine.config.sequence_len - len(prompt)
     if room < 1:
         raise ValueError(
