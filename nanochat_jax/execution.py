@@ -8,19 +8,24 @@ of `os`/`shutil`/`subprocess` set to None. The network is reachable, files outsi
 working directory can still be written, and a determined program can undo the guard. Do not run
 untrusted code with it outside a disposable machine or container.
 
-Each program runs in a fresh interpreter (this file executed as a script with `python -P`),
-started by fork+exec from the parent. Plain fork is unsafe in a parent running JAX threads, and
-multiprocessing's spawn/forkserver children re-import the parent's `__main__` (for
-`python -m scripts.chat_eval` that is JAX itself: seconds per program, eaten out of the time
-limit, and over the 256 MiB address-space limit), so neither is used. The child imports only the
-standard library; startup costs ~20 ms.
+Each program runs in a fresh interpreter (this file executed as a script with `python -I -B`:
+isolated from PYTHON* variables and the user's site-packages), started by fork+exec from the
+parent. Plain fork is unsafe in a parent running JAX threads, and multiprocessing's
+spawn/forkserver children re-import the parent's `__main__` (for `python -m scripts.chat_eval`
+that is JAX itself: seconds per program, eaten out of the time limit, and over the 256 MiB
+address-space limit), so neither is used. The child imports only the standard library; startup
+costs ~20 ms.
 
-Protocol: the parent writes a JSON request (code, timeout, memory limit) to the child's stdin; the
-child keeps a private copy of its stdout for the JSON result, points file descriptors 0/1/2 at
-/dev/null (so a program writing to fd 1 cannot corrupt the result), captures sys.stdout/stderr in
-memory, and runs the code with `exec` under the guard. The parent kills the child if it is still
-alive `timeout + 1` s after the start (nanochat's join timeout), and deletes the working
-directory itself: the guard leaves the child without `rmtree`/`unlink`.
+Protocol: the parent writes a JSON request (code, timeout, memory limit, a random nonce) to the
+child's stdin; the child keeps the nonce in a local variable only (not in the request, the
+globals or the program's namespace), keeps a private copy of its stdout for the JSON result,
+points file descriptors 0/1/2 at /dev/null (so a program writing to fd 1 cannot corrupt the
+result), captures sys.stdout/stderr in memory, and runs the code with `exec` under the guard. The
+result echoes the nonce, and the parent counts a result without it as a failure: a program that
+writes its own "success" JSON to the result descriptor and exits cannot pass a test that way (a
+program that walks the interpreter's frames to find the nonce still can; see above). The parent
+kills the child if it is still alive `timeout + 1` s after the start (nanochat's join timeout),
+and deletes the working directory itself: the guard leaves the child without `rmtree`/`unlink`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -84,30 +90,41 @@ def execute_code(
             f"maximum_memory_bytes must be None or >= 16 MiB (the interpreter itself needs "
             f"that much), got {maximum_memory_bytes!r}"
         )
-    request = json.dumps({"code": code, "timeout": timeout, "memory": maximum_memory_bytes})
+    nonce = secrets.token_hex(16)
+    request = {"code": code, "timeout": timeout, "memory": maximum_memory_bytes, "nonce": nonce}
     workdir = tempfile.mkdtemp(prefix="nanochat_exec_")
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-P", os.path.abspath(__file__)],
+            [sys.executable, "-I", "-B", os.path.abspath(__file__)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             cwd=workdir,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"},
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
             start_new_session=True,  # its own process group: a kill reaches anything it started
         )
         try:
-            out, _ = proc.communicate(request.encode(), timeout=timeout + 1)
+            out, _ = proc.communicate(json.dumps(request).encode(), timeout=timeout + 1)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             proc.communicate()
             return _failure("Execution timed out (process killed)", timeout=True)
-        try:
-            return ExecutionResult(**json.loads(out))
-        except (ValueError, TypeError):
-            return _failure(f"Execution failed (no result returned, exit code {proc.returncode})")
+        return _parse_result(out, nonce, proc.returncode)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _parse_result(out: bytes, nonce: str, returncode: int | None) -> ExecutionResult:
+    """The child's result, or a failure when it is not one result carrying this run's nonce
+    (nothing came back, or the program wrote its own)."""
+    try:
+        fields = json.loads(out)
+        echoed = fields.pop("nonce") if isinstance(fields, dict) else None
+        if isinstance(echoed, str) and secrets.compare_digest(echoed, nonce):
+            return ExecutionResult(**fields)
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError):
+        pass
+    return _failure(f"Execution failed (result forged or missing, exit code {returncode})")
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -223,6 +240,11 @@ def _run_guarded(code: str, timeout: float, maximum_memory_bytes: int | None) ->
 
 def _child_main() -> None:
     request = json.loads(sys.stdin.buffer.read())
+    # The nonce lives only in this frame's locals from here on; the program's namespace, the
+    # request and the result dict it could reach never hold it.
+    nonce = request.pop("nonce")
+    exit_now = os._exit
+    os._exit = None  # the program cannot end the child early through os._exit
     result_fd = os.dup(1)
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -232,10 +254,10 @@ def _child_main() -> None:
     except BaseException as e:  # noqa: BLE001  (e.g. a timeout landing after exec returned)
         result = {"success": False, "stdout": "", "stderr": "", "error": f"{type(e).__name__}"}
     # Memory may be exhausted; the result is small, and a failure here reads as "no result".
-    data = json.dumps(result, default=str).encode()
+    data = json.dumps({**result, "nonce": nonce}, default=str).encode()
     while data:
         data = data[os.write(result_fd, data) :]
-    os._exit(0)  # skip interpreter shutdown: the program may have left threads or broken state
+    exit_now(0)  # skip interpreter shutdown: the program may have left threads or broken state
 
 
 if __name__ == "__main__":

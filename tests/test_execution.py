@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from nanochat_jax import execution
 from nanochat_jax.execution import ExecutionResult, execute_code, execute_many
 
 
@@ -143,3 +144,51 @@ def test_repr_shows_what_matters():
     assert repr(ExecutionResult(True, "", "")) == "ExecutionResult(success=True)"
     r = ExecutionResult(False, "", "", error="boom", timeout=True)
     assert repr(r) == "ExecutionResult(success=False, error='boom', timeout=True)"
+
+
+_FORGED = b'{"success": true, "stdout": "", "stderr": ""}'
+_WRONG_NONCE = _FORGED[:-1] + b', "nonce": "00"}'
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        f"import os\nos.write(3, {_FORGED!r})\nos._exit(0)",
+        f"import posix\nposix.write(3, {_FORGED!r})\nposix._exit(0)",  # os._exit's twin
+        f"import os\nos.write(3, {_FORGED!r})\nraise SystemExit(0)",
+        f"import os, posix\nos.write(3, {_WRONG_NONCE!r})\nposix._exit(0)",
+    ],
+)
+def test_a_result_written_by_the_program_is_rejected(program):
+    result = execute_code(program)
+    assert not result.success, result
+    assert not result.timeout and not result.memory_exceeded
+
+
+def test_the_nonce_is_what_is_checked_and_the_program_cannot_see_it(monkeypatch):
+    # With the nonce known, a forged result carrying it passes: the nonce is the check. The
+    # program finds it in none of argv, the environment, its globals or stdin.
+    nonce = "f00d" * 8
+    monkeypatch.setattr(execution.secrets, "token_hex", lambda n: nonce)
+    forged = _FORGED[:-1] + f', "nonce": "{nonce}"}}'.encode()
+    assert execute_code(f"import posix\nposix.write(3, {forged!r})\nposix._exit(0)").success
+    program = (
+        "import os, sys\n"
+        f"n = {nonce!r}\n"
+        "others = {k: v for k, v in globals().items() if k != 'n'}\n"
+        "seen = [n in ' '.join(sys.argv), n in repr(dict(os.environ)), n in repr(others)]\n"
+        "seen.append(n.encode() in os.read(0, 1 << 20))\n"  # fd 0 is /dev/null now
+        "print(seen)"
+    )
+    result = execute_code(program)
+    assert result.success and result.stdout == "[False, False, False, False]\n", result
+
+
+def test_os_exit_is_disabled_and_the_interpreter_is_isolated(tmp_path, monkeypatch):
+    result = execute_code("import os\nos._exit(0)")
+    assert not result.success and result.error.startswith("TypeError")
+    # -I: PYTHONPATH (and the other PYTHON* variables) do not reach the child's imports.
+    (tmp_path / "planted_module.py").write_text("print('planted')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    result = execute_code("import planted_module")
+    assert not result.success and result.error.startswith("ModuleNotFoundError"), result
