@@ -17,6 +17,22 @@ Saves are async: save() returns once the arrays are copied to host memory (Orbax
 before returning, so the caller may donate or overwrite them right away); the files are written by
 a background thread. Call wait() before reading a just-saved step from another process, and close()
 at the end of the run.
+
+A run directory holds one timeline, and save() deletes no step of another one: the steps of another
+timeline that would be mixed into the new one are moved aside (one rename each, on the same
+filesystem) into
+
+    <base>/superseded_checkpoints/<phase dir>/<tag>/<YYYYmmdd-HHMMSS>/000649/
+
+which is itself a readable run directory (Checkpointer, load_params, read_meta), and is seen
+neither by list_model_tags/find_model_tag nor by Orbax's step listing. A step is moved aside when
+  - it is >= the step being saved (a fresh run into a used directory: a short experiment saving
+    step 2 next to a finished step 649 must not destroy it), or
+  - this Checkpointer resumed (restore()) from an earlier step: the later steps are the abandoned
+    timeline (often damaged, which is why restore() fell back past them).
+To get them back: stop whatever writes to the run directory, then `mv <moved>/000649 <run dir>/`.
+Keep-last-N (max_to_keep) deletes only steps of the run's own timeline: those it saved, and those
+up to the step it resumed from; earlier steps of another run that stay in the directory are kept.
 """
 
 from __future__ import annotations
@@ -24,7 +40,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +75,7 @@ PHASE_DIRS = {
 _ARRAY_ITEMS = ("params", "opt_state")
 _JSON_ITEMS = ("data_state", "meta", "checksums")
 _STEP_DIGITS = 6  # step dirs are 000300 like nanochat's model_000300.pt, and sort by name
+_SUPERSEDED = "superseded_checkpoints"
 
 
 class CheckpointError(RuntimeError):
@@ -86,6 +105,16 @@ def checkpoint_dir(phase: str, model_tag: str, base_dir: str | Path | None = Non
     return base / PHASE_DIRS[phase] / model_tag
 
 
+def superseded_dir(directory: str | Path) -> Path:
+    """Where save() moves steps of another timeline out of run `directory`:
+    <base>/superseded_checkpoints/<phase dir>/<tag> for <base>/<phase dir>/<tag>, and
+    <parent>/superseded_checkpoints/<name> for any other <parent>/<name>."""
+    directory = Path(directory).absolute()
+    if directory.parent.name in PHASE_DIRS.values():
+        return directory.parent.parent / _SUPERSEDED / directory.parent.name / directory.name
+    return directory.parent / _SUPERSEDED / directory.name
+
+
 def list_model_tags(phase: str, base_dir: str | Path | None = None) -> list[str]:
     """Tags of a phase holding at least one finished step (a run that died before its first save
     leaves an empty directory, which must not be picked)."""
@@ -112,10 +141,29 @@ def find_model_tag(phase: str, base_dir: str | Path | None = None) -> str:
     return max(tags, key=lambda p: p.stat().st_mtime).name
 
 
+@dataclasses.dataclass
+class _KeepLastOwn:
+    """Orbax preservation policy: the last `n` steps of this run's own timeline (`own`, updated by
+    the Checkpointer), and every step of another run. Duck-types Orbax's PreservationPolicy."""
+
+    n: int
+    own: set[int]
+
+    def should_preserve(self, checkpoints: Any, *, context: Any) -> list[bool]:
+        del context
+        own = sorted(c.step for c in checkpoints if c.step in self.own)
+        latest = set(own[len(own) - self.n :])
+        return [c.step not in self.own or c.step in latest for c in checkpoints]
+
+
 class Checkpointer:
     """A thin wrapper over `orbax.checkpoint.CheckpointManager` for one run directory.
 
-    read_only=True is for readers (eval, chat): they never delete, and never clean up the
+    The run's own timeline is the steps this Checkpointer saved plus, once restore() resumed
+    from step R, the steps <= R. max_to_keep deletes only the oldest of those; save() moves the
+    others out of the way (see the module docstring) instead of deleting them.
+
+    read_only=True is for readers (eval, chat): they never delete or move, and never clean up the
     temporary directory of a save that a training process may still be writing.
     """
 
@@ -133,8 +181,12 @@ class Checkpointer:
         self._read_only = read_only
         if read_only and not self.directory.is_dir():
             raise FileNotFoundError(f"no checkpoint directory {self.directory}")
+        self._own: set[int] = set()
+        self._resumed_from: int | None = None  # set by restore(), acted on by the next save()
+        self._moves = 0  # makes each multi-host barrier name unique
+        keep = None if max_to_keep is None or read_only else _KeepLastOwn(max_to_keep, self._own)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            preservation_policy=keep,  # Orbax's own max_to_keep would also delete other runs' steps
             step_format_fixed_length=_STEP_DIGITS,
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=not read_only,  # leftovers of a killed save
@@ -178,9 +230,10 @@ class Checkpointer:
     ) -> None:
         """Start saving `step`; returns once the arrays are on the host (they may then be donated).
 
-        Steps >= `step` already in the directory are deleted first: they belong to a timeline that
-        this run abandoned (e.g. it resumed from an earlier step because the later one was damaged),
-        and leaving them would make the next resume pick them up.
+        Steps >= `step` already in the directory, and after a restore() of step R the steps > R,
+        are first moved to superseded_dir(directory) with a warning saying where: they belong to
+        another timeline (a fresh run into a used directory, or the one a resumed run abandoned),
+        and leaving them would make the next resume pick them up. Nothing is deleted here.
         """
         if self._read_only:
             raise ValueError(f"this Checkpointer of {self.directory} is read-only; cannot save")
@@ -194,14 +247,15 @@ class Checkpointer:
         _check_json("meta", meta)
         if data_state is not None:
             _check_json("data_state", data_state)
-        stale = [s for s in self.all_steps() if s >= step]
+        resumed_from, self._resumed_from = self._resumed_from, None
+        stale = [
+            s
+            for s in self.all_steps()
+            if s >= step or (resumed_from is not None and s > resumed_from)
+        ]
         if stale:
-            self.wait()
-            log.warning(
-                "saving step %d in %s: deleting later steps %s", step, self.directory, stale
-            )
-            for s in stale:
-                self._manager.delete(s)
+            self._move_aside(stale, step, resumed_from)
+        self._own.add(step)
 
         arrays = {"params": params} | ({"opt_state": opt_state} if opt_state is not None else {})
         jsons = {"meta": meta} | ({"data_state": data_state} if data_state is not None else {})
@@ -227,9 +281,65 @@ class Checkpointer:
         the saved one is a cast; a different shape or tree is an error. opt_state_target=None skips
         the optimizer state (eval, chat).
         """
-        return self._first_usable(
+        restored = self._first_usable(
             step, lambda s: self._restore_step(s, params_target, opt_state_target)
         )
+        if not self._read_only:  # a writer that restores resumes this timeline from that step
+            self._resumed_from = restored.step
+            self._own.update(s for s in self.all_steps() if s <= restored.step)
+        return restored
+
+    def _move_aside(self, steps: list[int], step: int, resumed_from: int | None) -> None:
+        """Rename `steps` into a new <time> directory under superseded_dir(), and tell where."""
+        self.wait()  # a save in flight may be one of them; Orbax must not write while we move
+        self._moves += 1
+        if jax.process_index() == 0:  # one host moves, on the filesystem all hosts share
+            where = self._rename_steps(steps)
+            why = (
+                f"this run resumed from step {resumed_from}"
+                if resumed_from is not None
+                else "this run did not resume from them"
+            )
+            first = where / f"{steps[0]:0{_STEP_DIGITS}d}"
+            log.warning(
+                "saving step %d in %s: steps %s are not part of this run's timeline (%s); moved "
+                "them, not deleted, to %s. They load from there as they are (e.g. load_params(%r, "
+                "...)); to put one back, stop runs writing to the directory, then: mv %s %s/",
+                step,
+                self.directory,
+                steps,
+                why,
+                where,
+                str(where),
+                first,
+                self.directory,
+            )
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes(
+                f"nanochat_jax_checkpoint_move_aside_{self._moves}_{step}"
+            )
+        self._manager.reload()  # Orbax caches its step list; it must forget the moved steps
+        self._own.difference_update(steps)
+
+    def _rename_steps(self, steps: list[int]) -> Path:
+        """Each step directory renamed (atomic) into a fresh directory; returns that directory.
+        Falls back to <run dir>/.superseded/ when superseded_dir() cannot be made or is on another
+        filesystem (a rename cannot cross filesystems, and a copy is neither atomic nor cheap)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        names = [f"{s:0{_STEP_DIGITS}d}" for s in steps]
+        where = None
+        try:
+            where = _fresh_dir(superseded_dir(self.directory), stamp)
+            os.replace(self.directory / names[0], where / names[0])
+        except OSError as e:
+            log.warning("cannot move checkpoints to %s (%s)", superseded_dir(self.directory), e)
+            if where is not None:
+                where.rmdir()  # made, but nothing got into it
+            where = _fresh_dir(self.directory / ".superseded", stamp)
+            os.replace(self.directory / names[0], where / names[0])
+        for name in names[1:]:
+            os.replace(self.directory / name, where / name)
+        return where
 
     def read_meta(self, step: int | None = None) -> dict:
         """The meta dict of `step` (default: the latest step whose meta reads back)."""
@@ -336,6 +446,19 @@ def load_params(
             return ckpt._restore_step(s, target, None)
 
         return ckpt._first_usable(step, read)
+
+
+def _fresh_dir(root: Path, stamp: str) -> Path:
+    """root/stamp, or root/stamp-2, -3, ... if that exists already (two moves in one second)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = root / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"too many directories named {stamp}-* in {root}")
 
 
 def _check_json(name: str, value: Any) -> None:

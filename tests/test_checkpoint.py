@@ -1,4 +1,5 @@
-"""Checkpoints: round trip, keep-last-N, async + donation, damaged steps, remesh, dir layout."""
+"""Checkpoints: round trip, keep-last-N, async + donation, damaged steps, remesh, dir layout,
+steps of another timeline moved aside (never deleted)."""
 
 import json
 import logging
@@ -25,6 +26,7 @@ from nanochat_jax.checkpoint import (
     list_model_tags,
     load_params,
     read_meta,
+    superseded_dir,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,6 +162,114 @@ def test_keep_last_n_latest_step_and_superseded_steps(tmp_path):
         restored = ckpt.restore(params_target=_abstract(_params()))
     assert restored.step == 35
     _assert_equal(restored.params, _host(_params(35.0)))
+
+
+def _files(step_dir: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(step_dir)): p.read_bytes() for p in step_dir.rglob("*") if p.is_file()
+    }
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_fresh_run_moves_a_later_step_aside_instead_of_deleting_it(tmp_path, caplog):
+    """`chat_sft --max_iterations=2` into the directory of a finished 650-step SFT."""
+    run = checkpoint_dir("sft", "d2", tmp_path)
+    finished = _save_steps(run, [649])[649]
+    before = _files(run / "000649")
+    with Checkpointer(run) as ckpt, caplog.at_level(logging.WARNING):  # a fresh run: no restore
+        ckpt.save(1, params=_params(1.0), meta=META)
+        ckpt.save(2, params=_params(2.0), meta=META)
+        ckpt.wait()
+        assert ckpt.all_steps() == [1, 2] and ckpt.latest_step() == 2
+    assert sorted(p.name for p in run.iterdir()) == ["000001", "000002"]
+    [moved] = [p for p in superseded_dir(run).iterdir()]
+    assert superseded_dir(run) == tmp_path / "superseded_checkpoints" / "chatsft_checkpoints" / "d2"
+    assert [p.name for p in moved.iterdir()] == ["000649"]
+    assert _files(moved / "000649") == before  # renamed, byte for byte
+    [warning] = _warnings(caplog)
+    assert "steps [649]" in warning and "not deleted" in warning and str(moved) in warning
+    assert f"mv {moved / '000649'} {run}/" in warning
+    # readable where it is, and invisible to the tag/step listings
+    restored = load_params(moved, lambda meta: _abstract(_params()))
+    assert restored.step == 649 and restored.meta["step"] == 649
+    _assert_equal(restored.params, finished)
+    assert list_model_tags("sft", tmp_path) == ["d2"] and find_model_tag("sft", tmp_path) == "d2"
+    assert read_meta(run)["step"] == 2
+    # putting it back as the warning says makes it the latest step again
+    (moved / "000649").rename(run / "000649")
+    assert read_meta(run)["step"] == 649
+
+
+def test_fresh_run_never_garbage_collects_another_runs_steps(tmp_path, caplog):
+    """keep-last-N counts and deletes only this run's steps; an earlier run's step 5 stays."""
+    _save_steps(tmp_path / "run", [5, 50])
+    with Checkpointer(tmp_path / "run", max_to_keep=2) as ckpt, caplog.at_level(logging.WARNING):
+        for step in (10, 20, 30):
+            ckpt.save(step, params=_params(float(step)), meta=META)
+        ckpt.wait()
+        assert ckpt.all_steps() == [5, 20, 30]  # 10 was this run's: deleted by keep-last-2
+    [moved] = superseded_dir(tmp_path / "run").iterdir()
+    assert superseded_dir(tmp_path / "run") == tmp_path / "superseded_checkpoints" / "run"
+    assert [p.name for p in moved.iterdir()] == ["000050"]
+    assert any("steps [50]" in w for w in _warnings(caplog))
+
+
+def test_resume_after_damaged_steps_moves_the_abandoned_timeline_aside(tmp_path, caplog):
+    run = tmp_path / "run"
+    saved = _save_steps(run, [10, 20, 22, 30])
+    _damage_flip_bit(run / "000022")
+    _damage_remove_params(run / "000030")
+    with Checkpointer(run, max_to_keep=2) as ckpt, caplog.at_level(logging.WARNING):
+        restored = ckpt.restore(params_target=_abstract(saved[10]))
+        assert restored.step == 20  # fell back past the damaged 30 and 22
+        ckpt.save(25, params=_params(25.0), meta=META)  # 22 < 25 is abandoned too
+        ckpt.wait()
+        # 10 is this run's own timeline (before the step it resumed from): keep-last-2 drops it
+        assert ckpt.all_steps() == [20, 25]
+        ckpt.save(40, params=_params(40.0), meta=META)
+        ckpt.wait()
+        assert ckpt.all_steps() == [25, 40]
+    [moved] = superseded_dir(run).iterdir()
+    assert sorted(p.name for p in moved.iterdir()) == ["000022", "000030"]
+    moved_warnings = [w for w in _warnings(caplog) if "moved them" in w]
+    assert len(moved_warnings) == 1 and "steps [22, 30]" in moved_warnings[0]
+    assert "resumed from step 20" in moved_warnings[0]
+    with Checkpointer(moved, read_only=True) as reader:
+        assert reader.all_steps() == [22, 30]
+        assert reader.read_meta(22)["step"] == 22  # damaged arrays, but kept for inspection
+    # resuming at the last saved step and saving it again (a finished run resumed) keeps the old
+    with Checkpointer(run) as ckpt:
+        assert ckpt.restore(params_target=_abstract(saved[10])).step == 40
+        ckpt.save(40, params=_params(41.0), meta=META)
+        ckpt.wait()
+        assert ckpt.all_steps() == [25, 40]
+    assert len(list(superseded_dir(run).iterdir())) == 2  # a second, distinct directory
+    _assert_equal(load_params(run, lambda m: _abstract(_params())).params, _host(_params(41.0)))
+
+
+def test_moving_aside_across_filesystems_falls_back_inside_the_run_dir(tmp_path, monkeypatch):
+    run = checkpoint_dir("mid", "d2", tmp_path)
+    saved = _save_steps(run, [649])
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if "superseded_checkpoints" in str(dst):
+            raise OSError(18, "Invalid cross-device link")  # errno.EXDEV
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with Checkpointer(run, async_save=False) as ckpt:
+        ckpt.save(1, params=_params(1.0), meta=META)
+        assert ckpt.all_steps() == [1]
+    [moved] = (run / ".superseded").iterdir()
+    _assert_equal(load_params(moved, lambda m: _abstract(_params())).params, saved[649])
+    assert not any(superseded_dir(run).iterdir())  # the directory it could not use is left empty
+    assert list_model_tags("mid", tmp_path) == ["d2"]
+    with Checkpointer(run, read_only=True) as reader:
+        assert reader.all_steps() == [1]
 
 
 def _damage_flip_bit(step_dir: Path) -> None:
