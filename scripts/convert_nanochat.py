@@ -65,7 +65,8 @@ def nanochat_to_ours(model_path: Path, meta_path: Path | None, out_dir: Path) ->
     meta = {**meta, "step": step, "model_config": config.to_dict()}
     with Checkpointer(out_dir, async_save=False) as ckpt:
         if any(s >= step for s in ckpt.all_steps()):
-            # Checkpointer.save would delete steps >= step; never lose a checkpoint to a convert.
+            # Checkpointer.save would move steps >= step aside (superseded_checkpoints); a convert
+            # must not displace a checkpoint.
             raise SystemExit(f"{out_dir} already has steps {ckpt.all_steps()}; use another --to")
         ckpt.save(step, params=nnx.to_pure_dict(nnx.state(model, nnx.Param)), meta=meta)
     log.info("wrote step %d of %s (%s) to %s", step, model_path, config, out_dir)
