@@ -33,9 +33,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nanochat_jax import sharding
+from nanochat_jax.eval_bundle import TASK_TYPES, load_task_data, read_tasks
 from nanochat_jax.model import GPT, cross_entropy
 
-TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 MIN_BUCKET_LEN = 16
 _ENCODE_CHUNK = 256  # examples tokenized per call (the Rust tokenizer encodes a list in parallel)
 
@@ -369,9 +369,9 @@ def evaluate_core(
 ) -> dict[str, Any]:
     """Every task of the eval bundle: {"results": {label: accuracy}, "centered_results":
     {label: centered}, "core_metric": mean centered}. Each task's examples are shuffled with
-    Random(1337) and cropped to max_per_task (-1: all), as nanochat's base_eval."""
-    from nanochat_jax.eval_bundle import load_task_data, read_tasks
-
+    Random(1337) and cropped to max_per_task (-1: all), as nanochat's base_eval. A broken
+    bundle raises ValueError naming the file (`eval_bundle.validate_bundle` checks it all up
+    front)."""
     results: dict[str, float] = {}
     centered: dict[str, float] = {}
     show = verbose and jax.process_index() == 0

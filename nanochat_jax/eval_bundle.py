@@ -5,7 +5,10 @@ num_fewshot (a list; the first is used), icl_task_type, optional continuation_de
 `eval_meta_data.csv` (columns include `Eval Task` and `Random baseline`, in percent) and
 `eval_data/<dataset_uri>` (JSON lines). The zip is fetched with retries and resume, checked (a
 whole zip holding eval_bundle/core.yaml), extracted into a temporary directory and renamed into
-place, so a bundle directory is always complete.
+place, so a bundle directory is always complete. `validate_bundle` checks an installed bundle
+(every task's meta row and data file, every JSON line) before a run relies on it: base_eval and
+base_train call it up front, so a broken bundle is one error line naming the file (and line), not
+a traceback at the first CORE step.
 
     python -m nanochat_jax.eval_bundle            # download (~162 MB), skipped if present
     python -m nanochat_jax.eval_bundle --demo     # offline: small synthetic tasks, same layout
@@ -48,7 +51,14 @@ URL_ENV = "NANOCHAT_JAX_EVAL_BUNDLE_URL"
 BUNDLE_NAME = "eval_bundle"  # the directory in the zip and in the base dir
 DEMO_MARKER = ".demo_bundle.json"
 DEMO_VERSION = 1
-_TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+# The icl_task_type values CORE scores (core_eval uses this one tuple too), and the fields each
+# type's JSON lines need.
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+_ITEM_FIELDS = {
+    "multiple_choice": ("query", "choices", "gold"),
+    "schema": ("context_options", "continuation", "gold"),
+    "language_modeling": ("context", "continuation"),
+}
 
 log = get_logger("nanochat_jax.eval_bundle")  # not __name__: "__main__" under python -m
 
@@ -95,57 +105,158 @@ class CoreTask:
         }
 
 
+def _redo_hint(directory: Path) -> str:
+    """How to replace a broken bundle (downloading skips a directory that has core.yaml)."""
+    flag = " --demo" if is_demo(directory) else ""
+    return f"delete {directory} and run `python -m nanochat_jax.eval_bundle{flag}` again"
+
+
 def _random_baselines(path: Path) -> dict[str, float]:
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing; {_redo_hint(path.parent)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
     if not rows or not {"Eval Task", "Random baseline"} <= set(rows[0]):
         raise ValueError(f"{path} needs the columns 'Eval Task' and 'Random baseline'")
-    return {row["Eval Task"]: float(row["Random baseline"]) for row in rows}
+    baselines = {}
+    for line, row in enumerate(rows, start=2):  # line 1: the header
+        try:
+            baselines[row["Eval Task"]] = float(row["Random baseline"])
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{path}:{line}: 'Random baseline' must be a number (percent), got "
+                f"{row['Random baseline']!r}"
+            ) from None
+    return baselines
+
+
+def _num_fewshot(value, where: str) -> int:
+    shots = value[0] if isinstance(value, list) and value else value
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
+        raise ValueError(
+            f"{where}: num_fewshot must be an int >= 0 or a list of them, got {value!r}"
+        )
+    return shots
 
 
 def read_tasks(directory: str | Path) -> list[CoreTask]:
-    """The bundle's tasks in core.yaml order, with their random baselines."""
+    """The bundle's tasks in core.yaml order, with their random baselines (core.yaml and
+    eval_meta_data.csv only; `validate_bundle` also checks the task data).
+
+    Raises FileNotFoundError (no core.yaml: no bundle), ValueError (a broken bundle)."""
     directory = Path(directory)
     config_path = directory / "core.yaml"
     if not config_path.exists():
         raise FileNotFoundError(no_bundle_message(directory))
-    config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read {config_path}: {' '.join(str(e).split())}") from None
     if not isinstance(config, dict) or not isinstance(config.get("icl_tasks"), list):
         raise ValueError(f"{config_path} has no list under 'icl_tasks'")
+    if not config["icl_tasks"]:
+        raise ValueError(f"{config_path} lists no tasks under 'icl_tasks'")
     baselines = _random_baselines(directory / "eval_meta_data.csv")
     tasks = []
-    for entry in config["icl_tasks"]:
+    for position, entry in enumerate(config["icl_tasks"]):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{config_path}: icl_tasks[{position}] is not a mapping: {entry!r}")
         label = entry.get("label")
         missing = [
             k for k in ("label", "dataset_uri", "num_fewshot", "icl_task_type") if k not in entry
         ]
         if missing:
             raise ValueError(f"{config_path}: task {label!r} lacks {', '.join(missing)}")
-        if entry["icl_task_type"] not in _TASK_TYPES:
+        if entry["icl_task_type"] not in TASK_TYPES:
             raise ValueError(
                 f"{config_path}: task {label!r} has icl_task_type {entry['icl_task_type']!r}; "
-                f"expected one of {', '.join(_TASK_TYPES)}"
+                f"expected one of {', '.join(TASK_TYPES)}"
             )
         if label not in baselines:
             raise ValueError(f"{directory / 'eval_meta_data.csv'} has no row for task {label!r}")
-        shots = entry["num_fewshot"]
         tasks.append(
             CoreTask(
                 label=label,
                 task_type=entry["icl_task_type"],
-                dataset_uri=entry["dataset_uri"],
-                num_fewshot=int(shots[0] if isinstance(shots, list) else shots),
-                continuation_delimiter=entry.get("continuation_delimiter", " "),
+                dataset_uri=str(entry["dataset_uri"]),
+                num_fewshot=_num_fewshot(entry["num_fewshot"], f"{config_path}: task {label!r}"),
+                continuation_delimiter=str(entry.get("continuation_delimiter", " ")),
                 random_baseline=baselines[label],
             )
         )
     return tasks
 
 
+def _task_path(directory: Path, task: CoreTask) -> Path:
+    data_dir = directory / "eval_data"
+    path = data_dir / task.dataset_uri
+    if not path.resolve().is_relative_to(data_dir.resolve()):
+        raise ValueError(
+            f"task {task.label!r}: dataset_uri {task.dataset_uri!r} points outside {data_dir}"
+        )
+    return path
+
+
 def load_task_data(directory: str | Path, task: CoreTask) -> list[dict]:
-    path = Path(directory) / "eval_data" / task.dataset_uri
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The task's examples (one JSON object per non-blank line of eval_data/<dataset_uri>).
+
+    Raises ValueError naming the file (and file:line for a bad line): a missing or unreadable
+    file, a line that is not a JSON object with the fields of the task type, too few examples
+    for num_fewshot."""
+    directory = Path(directory)
+    path = _task_path(directory, task)
+    fields = _ITEM_FIELDS[task.task_type]
+    items = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    item = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({e})") from None
+                if not isinstance(item, dict):
+                    raise ValueError(f"{path}:{number}: expected a JSON object, got {line[:80]!r}")
+                missing = [k for k in fields if k not in item]
+                if missing:
+                    raise ValueError(
+                        f"{path}:{number}: a {task.task_type} example needs the fields "
+                        f"{', '.join(fields)}; {', '.join(missing)} missing"
+                    )
+                items.append(item)
+    except FileNotFoundError:
+        raise ValueError(
+            f"task {task.label!r}: {path} is missing; {_redo_hint(directory)}"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"task {task.label!r}: cannot read {path}: {e}") from None
+    if len(items) < task.num_fewshot + 1:
+        raise ValueError(
+            f"task {task.label!r}: {path} has {len(items)} examples; {task.num_fewshot}-shot "
+            f"needs at least {task.num_fewshot + 1}"
+        )
+    return items
+
+
+def validate_bundle(directory: str | Path, *, read_data: bool = True) -> list[CoreTask]:
+    """Check a whole bundle before a run uses it, and return its tasks: core.yaml, every task's
+    row in eval_meta_data.csv, and every task's data file (exists; with read_data, every line
+    parses as an example of its type: the real bundle takes a few seconds).
+
+    Raises FileNotFoundError (no bundle at all) or ValueError (what is broken, where)."""
+    directory = Path(directory)
+    tasks = read_tasks(directory)
+    for task in tasks:
+        path = _task_path(directory, task)
+        if read_data:
+            load_task_data(directory, task)
+        elif not path.is_file():
+            raise ValueError(f"task {task.label!r}: {path} is missing; {_redo_hint(directory)}")
+    return tasks
 
 
 # ---- download -----------------------------------------------------------------------------------
@@ -179,6 +290,19 @@ def verify_bundle_zip(path: Path) -> None:
                 raise CorruptDownload(f"zip member {bad!r} fails its CRC check")
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
         raise CorruptDownload(f"not a readable zip file ({e})") from None
+
+
+def _complete_zip(path: Path) -> bool:
+    """Whether a zip left by an earlier run (whose extraction failed) can be used as is."""
+    if not path.is_file():
+        return False
+    try:
+        verify_bundle_zip(path)
+    except CorruptDownload:
+        path.unlink(missing_ok=True)
+        return False
+    log.info("using the zip downloaded earlier: %s", path)
+    return True
 
 
 def _install(staging: Path, dest: Path) -> None:
@@ -229,14 +353,23 @@ def download_bundle(
         "Offline demo bundle: `python -m nanochat_jax.eval_bundle --demo`.",
     )
     zip_path = dest.with_name(f"{BUNDLE_NAME}.zip")
-    log.info("downloading %s", url)
-    error = download_file(url, zip_path, cfg=cfg, verify=verify_bundle_zip)
-    if error is not None:
+    if not _complete_zip(zip_path):
+        log.info("downloading %s", url)
+        error = download_file(url, zip_path, cfg=cfg, verify=verify_bundle_zip)
+        if error is not None:
+            raise BundleError(
+                f"downloading {url} failed: {error}. Run the same command again to resume, or "
+                "use the offline demo bundle: `python -m nanochat_jax.eval_bundle --demo`."
+            )
+    try:
+        _extract(zip_path, dest)
+    except OSError as e:  # e.g. the disk filled up: keep the zip, drop the half extraction
+        shutil.rmtree(dest.with_name(f".{BUNDLE_NAME}.partial"), ignore_errors=True)
         raise BundleError(
-            f"downloading {url} failed: {error}. Run the same command again to resume, or use "
-            "the offline demo bundle: `python -m nanochat_jax.eval_bundle --demo`."
-        )
-    _extract(zip_path, dest)
+            f"extracting {zip_path} into {dest} failed: {e}. The zip is kept: free some space "
+            "and run the same command again (or use the offline demo bundle: `python -m "
+            "nanochat_jax.eval_bundle --demo`)."
+        ) from None
     zip_path.unlink()
     log.info("eval bundle installed in %s", dest)
     return dest
@@ -386,7 +519,7 @@ def _demo_tasks() -> list[tuple[dict, float, list[dict]]]:
     """(core.yaml entry, random baseline %, items) of each demo task."""
     sentences = _stdlib_sentences(2 * _DEMO_EXAMPLES)
     rng = random.Random(20251020)
-    mc, schema, lm = _TASK_TYPES
+    mc, schema, lm = TASK_TYPES
 
     def entry(label: str, kind: str, shots: int, delimiter: str = " ") -> dict:
         out = {"label": label, "dataset_uri": f"demo/{label}.jsonl", "num_fewshot": [shots]}
@@ -425,22 +558,26 @@ def write_demo_bundle(base_dir: str | Path | None = None) -> Path:
         )
     staging = dest.with_name(f".{BUNDLE_NAME}.partial")
     shutil.rmtree(staging, ignore_errors=True)
-    tasks = _demo_tasks()
-    config = {"icl_tasks": [task for task, _, _ in tasks]}
-    atomic_write_text(staging / "core.yaml", yaml.safe_dump(config, sort_keys=False))
-    meta = io.StringIO()
-    writer = csv.writer(meta, lineterminator="\n")
-    writer.writerow(["Eval Task", "Task Category", "Task Type", "#shots", "Random baseline"])
-    for task, baseline, _ in tasks:
-        writer.writerow(
-            [task["label"], "demo", task["icl_task_type"], task["num_fewshot"][0], baseline]
-        )
-    atomic_write_text(staging / "eval_meta_data.csv", meta.getvalue())
-    for task, _, items in tasks:
-        lines = "".join(json.dumps(item) + "\n" for item in items)
-        atomic_write_text(staging / "eval_data" / task["dataset_uri"], lines)
-    atomic_write_text(staging / DEMO_MARKER, json.dumps(marker))
-    _install(staging, dest)
+    try:
+        tasks = _demo_tasks()
+        config = {"icl_tasks": [task for task, _, _ in tasks]}
+        atomic_write_text(staging / "core.yaml", yaml.safe_dump(config, sort_keys=False))
+        meta = io.StringIO()
+        writer = csv.writer(meta, lineterminator="\n")
+        writer.writerow(["Eval Task", "Task Category", "Task Type", "#shots", "Random baseline"])
+        for task, baseline, _ in tasks:
+            writer.writerow(
+                [task["label"], "demo", task["icl_task_type"], task["num_fewshot"][0], baseline]
+            )
+        atomic_write_text(staging / "eval_meta_data.csv", meta.getvalue())
+        for task, _, items in tasks:
+            lines = "".join(json.dumps(item) + "\n" for item in items)
+            atomic_write_text(staging / "eval_data" / task["dataset_uri"], lines)
+        atomic_write_text(staging / DEMO_MARKER, json.dumps(marker))
+        _install(staging, dest)
+    except OSError:  # e.g. disk full: no half-written bundle left behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     log.info("demo eval bundle (%d tasks) written to %s", len(tasks), dest)
     return dest
 
@@ -456,14 +593,18 @@ def main(argv: list[str] | None = None) -> int:
             directory = write_demo_bundle(args.base_dir)
         else:
             directory = download_bundle(args.base_dir, url=args.url)
-    except (OfflineError, BundleError, ValueError) as e:
+        tasks = validate_bundle(directory)
+    except (OfflineError, BundleError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # writing the demo bundle (disk full, no permission)
+        print(f"error: writing the eval bundle failed: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     kind = "demo eval bundle" if is_demo(directory) else "eval bundle"
-    print(f"{kind} in {directory}: {len(read_tasks(directory))} tasks")
+    print(f"{kind} in {directory}: {len(tasks)} tasks")
     return 0
 
 

@@ -20,7 +20,7 @@ import jax
 from nanochat_jax import report, stage
 from nanochat_jax.common import atomic_write_text, get_base_dir
 from nanochat_jax.core_eval import evaluate_core
-from nanochat_jax.eval_bundle import bundle_dir, is_demo, no_bundle_message
+from nanochat_jax.eval_bundle import bundle_dir, is_demo, validate_bundle
 from nanochat_jax.tokenizer import get_tokenizer
 
 
@@ -49,8 +49,10 @@ def results_csv(results: dict, centered: dict, core_metric: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     cfg = stage.parse_config(BaseEvalConfig, argv, __doc__.split("\n\n")[0])
     bundle = bundle_dir()
-    if not (bundle / "core.yaml").exists():
-        sys.exit(f"error: {no_bundle_message(bundle)}")
+    try:  # the whole bundle, before minutes of model loading and compiling
+        validate_bundle(bundle)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
     mesh = stage.setup_devices(cfg.mesh)
     try:
         tokenizer = get_tokenizer()

@@ -25,7 +25,7 @@ from nanochat_jax import checkpoint, optim, report, sharding, stage, train
 from nanochat_jax.common import get_base_dir, get_logger
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.core_eval import evaluate_core
-from nanochat_jax.eval_bundle import bundle_dir, no_bundle_message
+from nanochat_jax.eval_bundle import bundle_dir, validate_bundle
 from nanochat_jax.loss_eval import evaluate_bpb
 from nanochat_jax.metrics import (
     H100_BF16_PEAK_FLOPS,
@@ -100,9 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     num_params = param_count(nnx.eval_shape(lambda: GPT(config, rngs=nnx.Rngs(0))))
     steps_total = num_iterations(cfg, config, num_params)
     core_bundle = bundle_dir() if cfg.core_metric_every > 0 else None
-    if core_bundle is not None and not (core_bundle / "core.yaml").exists():
-        log.warning("%s The CORE metric is skipped in this run.", no_bundle_message(core_bundle))
-        core_bundle = None
+    if core_bundle is not None:
+        try:  # decided now, not at the first CORE step hours into the run
+            validate_bundle(core_bundle)
+        except (FileNotFoundError, ValueError) as e:
+            log.warning("%s The CORE metric is skipped in this run.", e)
+            core_bundle = None
     dp = sharding.data_parallel_size(mesh)
     accum = train.grad_accum_steps(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, dp)
     flops_per_tok = flops_per_token(config)

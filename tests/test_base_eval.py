@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 
 import numpy as np
 import pytest
@@ -109,3 +110,50 @@ def test_missing_bundle_or_checkpoint_is_a_clear_error(tmp_path, monkeypatch, ba
         (tmp_path / "tokenizer" / f.name).write_bytes(f.read_bytes())
     with pytest.raises(SystemExit, match="no checkpoints in .*base_checkpoints"):
         base_eval.main([])
+
+
+def _broken_bundle(base, base_dir):
+    """A base dir with the tokenizer and a demo bundle missing one task's data file."""
+    shutil.copytree(base_dir / "tokenizer", base / "tokenizer")
+    directory = write_demo_bundle(base)
+    broken = directory / "eval_data" / read_tasks(directory)[2].dataset_uri
+    text = broken.read_text()
+    broken.unlink()
+    return broken, text
+
+
+def test_base_eval_checks_the_whole_bundle_first(tmp_path, monkeypatch, base_dir):
+    monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(tmp_path))
+    broken, text = _broken_bundle(tmp_path, base_dir)
+    # no checkpoint either: the bundle is checked before the model is looked for
+    with pytest.raises(SystemExit, match=rf"error: task .* {broken} is missing; delete"):
+        base_eval.main([])
+    lines = text.splitlines(keepends=True)
+    broken.write_text("".join(lines[:2] + ["{" + lines[2]] + lines[3:]))  # line 3 goes bad
+    with pytest.raises(SystemExit, match=rf"error: {broken}:3: not valid JSON"):
+        base_eval.main([])
+
+
+class _Started(Exception):
+    pass
+
+
+def test_base_train_decides_about_a_broken_bundle_at_the_start(tmp_path, monkeypatch, base_dir):
+    monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(tmp_path))
+    broken, _ = _broken_bundle(tmp_path, base_dir)
+    warnings = []
+    monkeypatch.setattr(base_train.log, "warning", lambda msg, *a: warnings.append(msg % a))
+
+    def started(*args, **kwargs):
+        raise _Started
+
+    monkeypatch.setattr(base_train.stage, "data_loader", started)  # stop before training
+    with pytest.raises(_Started):
+        base_train.main(TRAIN_FLAGS)
+    core = [w for w in warnings if "CORE" in w]
+    assert len(core) == 1 and str(broken) in core[0], warnings
+    assert core[0].endswith("The CORE metric is skipped in this run.")
+    warnings.clear()
+    with pytest.raises(_Started):  # no CORE steps asked for: the bundle is not looked at
+        base_train.main([*TRAIN_FLAGS, "--core_metric_every=-1"])
+    assert not [w for w in warnings if "CORE" in w]

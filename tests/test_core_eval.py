@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nanochat_jax import core_eval, sharding
+from nanochat_jax import core_eval, eval_bundle, sharding
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.convert import from_nanochat_state_dict
 from nanochat_jax.eval_bundle import read_tasks, write_demo_bundle
@@ -254,3 +254,22 @@ def test_padding_rows_are_ignored(tok, model):
     small = core_eval.evaluate_examples(model, tok, data, meta, batch_rows=2)[0]
     padded = core_eval.evaluate_examples(model, tok, data, meta, batch_rows=32)[0]
     np.testing.assert_allclose(small.losses, padded.losses, atol=1e-5)
+
+
+def test_a_broken_task_file_names_file_and_line(tok, model, tmp_path):
+    directory = write_demo_bundle(tmp_path)
+    first = read_tasks(directory)[0]
+    path = directory / "eval_data" / first.dataset_uri
+    lines = path.read_text().splitlines(keepends=True)
+    lines[4] = lines[4][:-5] + "\n"  # a line cut short
+    path.write_text("".join(lines))
+    with pytest.raises(ValueError, match=rf"{first.dataset_uri}:5: not valid JSON"):
+        core_eval.evaluate_core(model, tok, directory, verbose=False)
+    path.unlink()
+    with pytest.raises(ValueError, match=rf"{first.label!r}: .* is missing; delete {directory}"):
+        core_eval.evaluate_core(model, tok, directory, verbose=False)
+
+
+def test_one_tuple_of_task_types():
+    assert core_eval.TASK_TYPES is eval_bundle.TASK_TYPES
+    assert not hasattr(eval_bundle, "_TASK_TYPES")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import zipfile
@@ -94,8 +95,9 @@ def test_failed_downloads_leave_nothing(tmp_path, files, faults, message):
             eval_bundle.download_bundle(tmp_path, url=f"{server.url}/eval_bundle.zip", cfg=FAST)
     assert "--demo" in str(info.value) and "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
-    if message == "HTTP 404":
-        assert len(server.requests["eval_bundle.zip"]) == 1  # not retried
+    # a wrong file that arrived whole (or a 404) is fetched once; only bad bytes are retried
+    expected = len(faults) if message == "not a readable zip file" else 1
+    assert len(server.requests["eval_bundle.zip"]) == expected
 
 
 def test_offline_fails_with_one_line_naming_demo(tmp_path, capsys, monkeypatch):
@@ -195,3 +197,189 @@ def test_reading_a_missing_or_broken_bundle(tmp_path):
     (directory / "core.yaml").write_text(CORE_YAML.replace("multiple_choice", "essay"))
     with pytest.raises(ValueError, match="icl_task_type 'essay'"):
         eval_bundle.read_tasks(directory)
+
+
+# ---- zips that are the wrong file -----------------------------------------------------------
+
+_OUTSIDE_ABS = "/nanochat_jax_test_escape_abs.txt"
+
+
+@pytest.mark.parametrize(
+    "member", ["../x.txt", "eval_bundle/../../x.txt", _OUTSIDE_ABS, "eval_bundle/a/../../../x.txt"]
+)
+def test_zip_members_escaping_the_bundle_are_refused(tmp_path, member):
+    files = {
+        "eval_bundle/core.yaml": CORE_YAML,
+        "eval_bundle/eval_meta_data.csv": META_CSV,
+        member: "escaped",
+    }
+    base = tmp_path / "deep" / "base"
+    with FaultServer({"eval_bundle.zip": _zip(files)}) as server:
+        with pytest.raises(eval_bundle.BundleError, match="points outside the bundle"):
+            eval_bundle.download_bundle(base, url=f"{server.url}/eval_bundle.zip", cfg=FAST)
+        assert len(server.requests["eval_bundle.zip"]) == 1  # a permanent failure: no retries
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written == [] and not Path(_OUTSIDE_ABS).exists()
+    # extraction on its own refuses the same zip, writing nothing
+    zip_path = tmp_path / "evil.zip"
+    zip_path.write_bytes(_zip(files))
+    with pytest.raises(CorruptDownload, match="points outside"):
+        eval_bundle._extract(zip_path, base / "eval_bundle")
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [zip_path]
+
+
+def test_a_zip_without_core_yaml_is_downloaded_once(tmp_path, capsys):
+    no_config = _zip({"eval_bundle/eval_meta_data.csv": META_CSV})
+    with FaultServer({"eval_bundle.zip": no_config}) as server:
+        url = f"{server.url}/eval_bundle.zip"
+        assert eval_bundle.main(["--base-dir", str(tmp_path), "--url", url]) == 2
+        assert len(server.requests["eval_bundle.zip"]) == 1
+    err = capsys.readouterr().err
+    assert "holds no eval_bundle/core.yaml" in err and "not retried" in err
+    assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []
+
+
+# ---- installing ------------------------------------------------------------------------------
+
+
+def test_disk_full_while_extracting_is_one_error_line_and_the_zip_is_reused(
+    tmp_path, monkeypatch, capsys
+):
+    def disk_full(self, path=None, members=None, pwd=None):
+        (Path(path) / BUNDLE).mkdir(parents=True)
+        (Path(path) / BUNDLE / "core.yaml").write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with FaultServer({"eval_bundle.zip": BUNDLE_ZIP}) as server:
+        argv = ["--base-dir", str(tmp_path), "--url", f"{server.url}/eval_bundle.zip"]
+        monkeypatch.setattr(zipfile.ZipFile, "extractall", disk_full)
+        assert eval_bundle.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: extracting") and err.count("\n") == 1, err
+        assert "No space left on device" in err and "The zip is kept" in err
+        assert _leftovers(tmp_path) == ["eval_bundle.zip"]  # no half bundle, no staging
+        assert not (tmp_path / BUNDLE).exists()
+        monkeypatch.undo()
+        assert eval_bundle.main(argv) == 0  # space freed: the kept zip is used, not fetched
+        assert len(server.requests["eval_bundle.zip"]) == 1
+    assert "eval bundle in" in capsys.readouterr().out
+    assert _leftovers(tmp_path) == []
+
+
+def test_disk_full_while_writing_the_demo_is_one_error_line(tmp_path, monkeypatch, capsys):
+    def disk_full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(eval_bundle, "atomic_write_text", disk_full)
+    assert eval_bundle.main(["--demo", "--base-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: writing the eval bundle failed") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- validating a bundle ---------------------------------------------------------------------
+
+BUNDLE = "eval_bundle"
+
+
+def _write_bundle(base: Path) -> Path:
+    directory = base / BUNDLE
+    files = {
+        "core.yaml": CORE_YAML,
+        "eval_meta_data.csv": META_CSV,
+        "eval_data/world/tiny_mc.jsonl": (json.dumps(MC) + "\n") * 3,
+        "eval_data/tiny_lm.jsonl": json.dumps(LM) + "\n",
+    }
+    for name, text in files.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text(text)
+    return directory
+
+
+def test_validate_accepts_a_whole_bundle(tmp_path):
+    directory = _write_bundle(tmp_path)
+    tasks = eval_bundle.validate_bundle(directory)
+    assert [t.label for t in tasks] == ["tiny_mc", "tiny_lm"]
+    assert eval_bundle.validate_bundle(directory, read_data=False) == tasks
+    assert [
+        t.label for t in eval_bundle.validate_bundle(eval_bundle.write_demo_bundle(tmp_path / "d"))
+    ]
+    with pytest.raises(FileNotFoundError, match="python -m nanochat_jax.eval_bundle --demo"):
+        eval_bundle.validate_bundle(tmp_path / "nothing")
+
+
+def _break(directory: Path, name: str, text: str | None) -> None:
+    if text is None:
+        (directory / name).unlink()
+    else:
+        (directory / name).write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message", "data_only"),
+    [
+        ("eval_meta_data.csv", None, r"eval_meta_data.csv is missing; delete .*eval_bundle", False),
+        ("eval_data/tiny_lm.jsonl", None, r"'tiny_lm': .*tiny_lm.jsonl is missing; delete", False),
+        (
+            "eval_data/world/tiny_mc.jsonl",
+            json.dumps(MC) + "\n\n" + '{"query": "Q", "choices": [\n',
+            r"tiny_mc.jsonl:3: not valid JSON",
+            True,
+        ),
+        (
+            "eval_data/world/tiny_mc.jsonl",
+            (json.dumps(MC) + "\n") * 2 + json.dumps({"query": "Q", "gold": 0}) + "\n",
+            r"tiny_mc.jsonl:3: a multiple_choice example needs .* choices missing",
+            True,
+        ),
+        ("eval_data/tiny_lm.jsonl", "[1, 2]\n", r"tiny_lm.jsonl:1: expected a JSON object", True),
+        (
+            "eval_data/world/tiny_mc.jsonl",
+            json.dumps(MC) + "\n",
+            r"'tiny_mc': .* has 1 examples; 1-shot needs at least 2",
+            True,
+        ),
+        ("core.yaml", "icl_tasks: [\n", r"cannot read .*core.yaml", False),
+        ("core.yaml", "icl_tasks: []\n", r"lists no tasks", False),
+        ("core.yaml", "icl_tasks: [3]\n", r"icl_tasks\[0\] is not a mapping", False),
+        (
+            "core.yaml",
+            CORE_YAML.replace("[1]", "[one]"),
+            r"task 'tiny_mc': num_fewshot must be an int",
+            False,
+        ),
+        (
+            "core.yaml",
+            CORE_YAML.replace("world/tiny_mc.jsonl", "../../x.jsonl"),
+            r"points outside",
+            False,
+        ),
+        (
+            "eval_meta_data.csv",
+            META_CSV.replace("25.0", "n/a"),
+            r"eval_meta_data.csv:2: 'Random baseline' must be a number",
+            False,
+        ),
+    ],
+)
+def test_validate_names_what_is_broken(tmp_path, name, text, message, data_only):
+    directory = _write_bundle(tmp_path)
+    _break(directory, name, text)
+    with pytest.raises(ValueError, match=message) as info:
+        eval_bundle.validate_bundle(directory)
+    assert "\n" not in str(info.value)
+    if data_only:  # only reading the data finds it
+        eval_bundle.validate_bundle(directory, read_data=False)
+    else:
+        with pytest.raises(ValueError, match=message):
+            eval_bundle.validate_bundle(directory, read_data=False)
+
+
+def test_main_reports_a_broken_installed_bundle(tmp_path, capsys):
+    directory = _write_bundle(tmp_path)
+    (directory / "eval_data" / "tiny_lm.jsonl").unlink()
+    # a present core.yaml skips the download (no server needed); the check still runs
+    assert eval_bundle.main(["--base-dir", str(tmp_path), "--url", "http://127.0.0.1:1/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: task 'tiny_lm'") and err.count("\n") == 1, err
+    assert f"delete {directory}" in err
