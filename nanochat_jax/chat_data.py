@@ -17,6 +17,7 @@ apart: one row each, padded per micro-batch (`collate_sft`), only assistant toke
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from nanochat_jax import optim
 from nanochat_jax.common import get_logger
 
 log = get_logger(__name__)
@@ -52,10 +54,37 @@ def _check_world(num_rows: int, world_size: int, ranks: Sequence[int], what: str
         )
 
 
-def _cursor_order(num_rows: int, rank: int, world_size: int, count: int) -> np.ndarray:
-    """Rows rank `rank` reads, in order: its cursor starts at rank, advances by world_size and
-    wraps by subtracting num_rows (so it stays (rank + j*W) mod N when W <= N)."""
-    return (rank + world_size * np.arange(count, dtype=np.int64)) % num_rows
+def rank_cursor(
+    num_rows: int, rank: int, world_size: int, *, restart_each_epoch: bool = False
+) -> Iterator[int]:
+    """The row indices nanochat's rank `rank` of `world_size` reads, forever.
+
+    Its cursor starts at rank and advances by world_size. Past the end, midtraining's cursor
+    wraps by subtracting num_rows (so it reads (rank + j*W) mod N: each epoch starts elsewhere),
+    while SFT's and RL's loops restart at rank (`restart_each_epoch`: range(rank, N, W) again).
+    """
+    if not 0 <= rank < world_size or rank >= num_rows:
+        raise ValueError(f"rank {rank} of {world_size} has no rows among {num_rows}")
+    if restart_each_epoch:
+        return itertools.cycle(range(rank, num_rows, world_size))
+    if world_size > num_rows:  # the cursor would wrap past the end again
+        raise ValueError(f"{world_size} ranks wrap a cursor over only {num_rows} rows")
+
+    def cursor() -> Iterator[int]:
+        index = rank
+        while True:
+            yield index
+            index += world_size
+            if index >= num_rows:
+                index -= num_rows
+
+    return cursor()
+
+
+def _cursor_rows(num_rows: int, rank: int, world_size: int, count: int) -> np.ndarray:
+    """The first `count` rows of rank `rank`'s midtraining cursor, as an array."""
+    cursor = rank_cursor(num_rows, rank, world_size)
+    return np.fromiter(itertools.islice(cursor, count), np.int64, count)
 
 
 # ----------------------------------------------------------------------------- midtraining
@@ -146,7 +175,7 @@ class MidTrainData:
         # (k+1)*window > tokens of its other rows (the fill loop stops once it has enough).
         wrap_window = []
         for rank in range(world_size):
-            rows = _cursor_order(
+            rows = _cursor_rows(
                 num_rows, rank, world_size, math.ceil((num_rows - rank) / world_size)
             )
             wrap_window.append(int(lengths[rows[:-1]].sum()) // self.window)
@@ -166,7 +195,7 @@ class MidTrainData:
         for rank in sorted({0, *self.ranks}):
             count = math.ceil(num_rows / world_size) + 1
             while True:
-                rows = _cursor_order(num_rows, rank, world_size, count)
+                rows = _cursor_rows(num_rows, rank, world_size, count)
                 cum = np.concatenate([[0], np.cumsum(lengths[rows])])
                 if cum[-1] >= num_windows * self.window:
                     break
@@ -185,9 +214,8 @@ class MidTrainData:
             self.progress = np.maximum(self.progress, (steps + 1) / max_steps)
 
     def lr_multipliers(self) -> np.ndarray:
-        """nanochat's get_lr_multiplier(progress) of every step: 1 until 0.8, then linear to 0."""
-        p = self.progress
-        return np.where(p < 0.8, 1.0, 1 - (p - 0.8) / 0.2)
+        """nanochat's get_lr_multiplier(progress) of every step (optim.progress_lr_multiplier)."""
+        return optim.progress_lr_multiplier(self.progress)
 
     def micro_batch(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(inputs, targets), each (len(ranks) * B, T) int32: window k of each local rank."""
@@ -212,16 +240,6 @@ def _inputs_targets(windows_RN: np.ndarray, batch_size: int, seq_len: int):
     return inputs, targets
 
 
-def _rank_rows(dataset: Conversations, rank: int, world_size: int) -> Iterator[dict[str, Any]]:
-    """Rows in rank `rank`'s cursor order, forever (nanochat's cursor, wrapping by -N)."""
-    num_rows, cursor = len(dataset), rank
-    while True:
-        yield dataset[cursor]
-        cursor += world_size
-        if cursor >= num_rows:
-            cursor -= num_rows
-
-
 def mid_val_batches(
     tokenizer,
     dataset: Conversations,
@@ -238,8 +256,8 @@ def mid_val_batches(
 
     def windows(rank: int) -> Iterator[np.ndarray]:
         buffer: list[int] = []
-        for row in _rank_rows(dataset, rank, world_size):
-            buffer.extend(tokenizer.render_conversation(row, max_tokens=max_tokens)[0])
+        for i in rank_cursor(len(dataset), rank, world_size):
+            buffer.extend(tokenizer.render_conversation(dataset[i], max_tokens=max_tokens)[0])
             while len(buffer) >= window:
                 yield np.asarray(buffer[:window], dtype=np.int64)
                 del buffer[:window]
@@ -271,12 +289,11 @@ def sft_micro_batches(
 
     def batches() -> Iterator[list[tuple[list[int], list[int]]]]:
         batch = []
-        while True:
-            for i in range(rank, len(dataset), world_size):
-                batch.append(tokenizer.render_conversation(dataset[i], max_tokens=max_tokens))
-                if len(batch) == batch_size:
-                    yield batch
-                    batch = []
+        for i in rank_cursor(len(dataset), rank, world_size, restart_each_epoch=True):
+            batch.append(tokenizer.render_conversation(dataset[i], max_tokens=max_tokens))
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
 
     return batches()
 

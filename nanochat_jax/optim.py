@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -304,11 +305,12 @@ def linear_decay_schedule(num_iterations: int, init_frac: float = 1.0) -> optax.
     return lambda step: init_frac * (1 - jnp.asarray(step) / num_iterations)
 
 
-def progress_lr_multiplier(progress: jax.Array | float) -> jax.Array:
-    """mid_train's lr multiplier from data progress in [0, 1]: flat, then linear to 0 after 0.8.
+def progress_lr_multiplier(progress: np.ndarray | float) -> np.ndarray:
+    """mid_train's lr multiplier from data progress in [0, 1]: 1 until 0.8, then linear to 0.
 
-    Progress is not a function of the step, so a trainer scales the Muon/AdamW updates by this
-    value (both are linear in lr) instead of passing it as an optax schedule.
+    Progress is a property of the data, not of the step count an optax schedule sees, so it is
+    computed on the host (numpy, float64) for every step before training; mid_train hands that
+    table to the optimizer as a schedule indexed by step.
     """
-    progress = jnp.asarray(progress)
-    return jnp.where(progress < 0.8, 1.0, 1 - (progress - 0.8) / 0.2)
+    progress = np.asarray(progress, dtype=np.float64)
+    return np.where(progress < 0.8, 1.0, 1 - (progress - 0.8) / 0.2)

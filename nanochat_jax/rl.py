@@ -20,7 +20,7 @@ and the RL step is the ordinary compiled step with one extra (A, B, T) float arr
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nanochat_jax.chat_data import rank_cursor
 from nanochat_jax.engine import Engine
 
 _SEQ_ALIGN = 64  # the train step's sequence length is a multiple of this
@@ -65,25 +66,18 @@ def rollout_seed(step: int, example_idx: int, sampling_step: int) -> int:
     return hash((step, example_idx, sampling_step)) & 0x7FFFFFFF
 
 
-def rank_examples(num_examples: int, rank: int, world_size: int) -> Iterator[int]:
-    """The question indices rank `rank` of `world_size` visits, forever (nanochat's get_batch)."""
-    if not 0 <= rank < world_size or num_examples <= rank:
-        raise ValueError(
-            f"rank {rank} of {world_size} has no questions among {num_examples} examples"
-        )
-    return itertools.cycle(range(rank, num_examples, world_size))
-
-
 def example_schedule(
     num_examples: int, num_steps: int, examples_per_rank: int, world_size: int
 ) -> np.ndarray:
-    """(num_steps, world_size, examples_per_rank) question indices, in nanochat's order."""
+    """(num_steps, world_size, examples_per_rank) question indices, in nanochat's order (rank r
+    cycles through range(r, num_examples, world_size), as nanochat's get_batch)."""
     out = np.zeros((num_steps, world_size, examples_per_rank), np.int64)
+    count = num_steps * examples_per_rank
     for rank in range(world_size):
-        cycle = rank_examples(num_examples, rank, world_size)
-        out[:, rank, :] = np.fromiter(
-            itertools.islice(cycle, num_steps * examples_per_rank), np.int64
-        ).reshape(num_steps, examples_per_rank)
+        cycle = rank_cursor(num_examples, rank, world_size, restart_each_epoch=True)
+        out[:, rank, :] = np.fromiter(itertools.islice(cycle, count), np.int64, count).reshape(
+            num_steps, examples_per_rank
+        )
     return out
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +15,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanochat_jax import checkpoint, sharding
-from nanochat_jax.common import get_logger
+from nanochat_jax.common import get_base_dir, get_logger
 from nanochat_jax.config import GPTConfig
-from nanochat_jax.model import GPT
+from nanochat_jax.model import GPT, REMAT_POLICIES
 
 log = get_logger(__name__)
+
+# the optimizer flags every training stage shares (nanochat's names)
+_OPTIM_FLAGS = ("embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay", "init_lr_frac")
 
 # base_train / base_loss greedy-sample these every sample_every steps (nanochat's 7 prompts).
 SAMPLE_PROMPTS = (
@@ -87,9 +92,7 @@ def data_loader(tokenizer, mesh: jax.sharding.Mesh, batch_size: int, seq_len: in
     from nanochat_jax.dataloader import tokenizing_data_loader  # grain: only where data is read
 
     dp = sharding.data_parallel_size(mesh)
-    local = dp // jax.process_count()
-    first = jax.process_index() * local
-    ranks = range(first, first + local)
+    ranks = local_ranks(dp, mesh)
     return tokenizing_data_loader(tokenizer, batch_size, seq_len, split, ranks=ranks, world_size=dp)
 
 
@@ -145,7 +148,11 @@ def load_model_dir(
 class Sampler:
     """Greedy continuations of SAMPLE_PROMPTS (each prefixed with <|bos|>), as nanochat prints
     them during training. One Engine serves every call: the model's current weights are swapped
-    in, so its prefill/decode compile once per run, not once per sample step."""
+    in, so its prefill/decode compile once per run, not once per sample step.
+
+    The engine holds copies of the weights (set_params copies), never the model's own arrays: a
+    donating train step deletes those after the call.
+    """
 
     def __init__(self, tokenizer, max_tokens: int = 16):
         self.tokenizer, self.max_tokens = tokenizer, max_tokens
@@ -156,8 +163,7 @@ class Sampler:
 
         if self.engine is None:
             self.engine = Engine(model, self.tokenizer)
-        else:
-            self.engine.set_params(model)
+        self.engine.set_params(model)
         bos = self.tokenizer.get_bos_token_id()
         texts = []
         for prompt in SAMPLE_PROMPTS:
@@ -200,3 +206,70 @@ def local_ranks(world_size: int, mesh: jax.sharding.Mesh) -> range:
         )
     local = world_size // jax.process_count()
     return range(jax.process_index() * local, (jax.process_index() + 1) * local)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceModel:
+    """The checkpoint a stage starts from (see load_source)."""
+
+    tag: str
+    directory: Path
+    config: GPTConfig
+    meta: dict[str, Any]  # meta["step"] is the step read
+
+    def load(self, params_target: Any, opt_target: Any) -> tuple[Any, None]:
+        """`train.init_train_state`'s load: this exact step's parameters in the target
+        shardings, and a fresh optimizer."""
+        del opt_target
+        restored = checkpoint.load_params(
+            self.directory, lambda meta: params_target, step=self.meta["step"]
+        )
+        return restored.params, None
+
+
+def load_source(phase: str, model_tag: str | None, step: int | None, tokenizer: Any) -> SourceModel:
+    """source_checkpoint, checked against the tokenizer the stage renders its data with.
+
+    A model trained with another tokenizer would see ids past its embedding table (NaN losses)
+    or the wrong tokens: ValueError naming both vocab sizes, instead of a failure later on.
+    """
+    tag, directory, meta = source_checkpoint(phase, model_tag, step)
+    config = GPTConfig.from_dict(meta["model_config"])
+    vocab = tokenizer.get_vocab_size()
+    if config.vocab_size != vocab:
+        raise ValueError(
+            f"the tokenizer in {get_base_dir() / 'tokenizer'} has {vocab} tokens, but {phase} "
+            f"model {tag} step {meta['step']} in {directory} has vocab_size {config.vocab_size}: "
+            "they come from different runs (retrain the tokenizer or the model)"
+        )
+    return SourceModel(tag, Path(directory), config, meta)
+
+
+def check_loss(loss: float, step: int) -> None:
+    """A NaN/inf training loss ends the run with one error line."""
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: loss is {loss} at step {step}; stopping (lower the lrs?)")
+
+
+def check_flags(
+    cfg: Any, *, positive: Sequence[str] = (), non_negative: Sequence[str] = ()
+) -> None:
+    """A stage's flags, before any work: exit with one `error:` line for the first bad one.
+
+    `positive` name numeric flags that must be >= 1, `non_negative` ones that must be finite and
+    >= 0. Where the flags have them, the lrs, weight_decay and init_lr_frac must be finite and
+    >= 0, and `dtype` and `remat` must name a known choice.
+    """
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise SystemExit(f"error: --{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in (*(n for n in _OPTIM_FLAGS if hasattr(cfg, n)), *non_negative):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise SystemExit(f"error: --{name} must be a finite number >= 0, got {value}")
+    dtype = getattr(cfg, "dtype", "auto")
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise SystemExit(f"error: --dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    remat = getattr(cfg, "remat", "none")
+    if remat not in REMAT_POLICIES:
+        raise SystemExit(f"error: --remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")

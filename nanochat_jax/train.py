@@ -50,6 +50,12 @@ def grad_accum_steps(
     total_batch_size: int, device_batch_size: int, sequence_len: int, num_data_devices: int
 ) -> int:
     """nanochat's rule: tokens per optimizer step / tokens per forward-backward of all devices."""
+    sizes = (device_batch_size, sequence_len, num_data_devices)
+    if min(sizes) < 1:
+        raise ValueError(
+            "device_batch_size, max_seq_len and the number of data-parallel devices must be "
+            f">= 1, got {device_batch_size}, {sequence_len} and {num_data_devices}"
+        )
     tokens_per_fwdbwd = device_batch_size * sequence_len * num_data_devices
     if total_batch_size <= 0 or total_batch_size % tokens_per_fwdbwd:
         raise ValueError(

@@ -1,5 +1,6 @@
 """chat_data against direct transcriptions of nanochat's mid/SFT generators and training loops."""
 
+import itertools
 import random
 from collections import deque
 
@@ -12,6 +13,7 @@ from nanochat_jax.chat_data import (
     collate_sft,
     length_buckets,
     mid_val_batches,
+    rank_cursor,
     render_all,
     sft_micro_batches,
 )
@@ -108,6 +110,26 @@ def test_mid_train_data_is_nanochats_generator(tokenizer, B, T, W, A, n):
     lrm = data.lr_multipliers()
     p = np.asarray(step_progress)
     np.testing.assert_allclose(lrm, [1 if q < 0.8 else 1 - (q - 0.8) / 0.2 for q in p])
+
+
+@pytest.mark.parametrize("N,W", [(5, 2), (7, 3), (4, 4), (9, 1), (10, 4)])
+def test_rank_cursor_is_nanochats_cursor_or_restarting_range(N, W):
+    for rank in range(W):
+        mid = list(itertools.islice(rank_cursor(N, rank, W), 3 * N))
+        assert mid == [(rank + j * W) % N for j in range(3 * N)]  # wraps by -N: shifts epochs
+        sft = list(itertools.islice(rank_cursor(N, rank, W, restart_each_epoch=True), 3 * N))
+        epoch = list(range(rank, N, W))
+        assert sft == (epoch * 3 * N)[: 3 * N]  # every epoch starts at rank again
+
+
+def test_rank_cursor_errors():
+    with pytest.raises(ValueError, match="rank 3 of 4 has no rows among 3"):
+        rank_cursor(3, 3, 4, restart_each_epoch=True)
+    with pytest.raises(ValueError, match="rank 2 of 2 has no rows"):
+        rank_cursor(9, 2, 2)
+    with pytest.raises(ValueError, match="4 ranks wrap a cursor over only 3 rows"):
+        rank_cursor(3, 0, 4)
+    assert next(rank_cursor(3, 0, 4, restart_each_epoch=True)) == 0
 
 
 def test_mid_stream_is_the_rendered_mixture_in_order(tokenizer):

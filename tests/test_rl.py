@@ -61,7 +61,7 @@ def test_example_schedule_cycles_each_ranks_stride():
     assert sched.shape == (3, 2, 2)
     assert sched[:, 0].ravel().tolist() == [0, 2, 4, 6, 0, 2]
     assert sched[:, 1].ravel().tolist() == [1, 3, 5, 1, 3, 5]
-    with pytest.raises(ValueError, match="has no questions"):
+    with pytest.raises(ValueError, match="rank 1 of 2 has no rows among 1"):
         rl.example_schedule(num_examples=1, num_steps=1, examples_per_rank=1, world_size=2)
 
 

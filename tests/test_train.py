@@ -120,6 +120,54 @@ def test_grad_accum_steps_rule_and_error():
     assert train.grad_accum_steps(524288, 32, 2048, 1) == 8
     with pytest.raises(ValueError, match="multiple of"):
         train.grad_accum_steps(1000, 4, 64, 2)
+    for bad in ((524288, 0, 2048, 8), (524288, 32, 0, 8), (524288, 32, 2048, 0), (8, -1, 8, 1)):
+        with pytest.raises(ValueError, match="must be >= 1"):  # not a ZeroDivisionError
+            train.grad_accum_steps(*bad)
+
+
+def optimizer_hyperparams(opt_state) -> dict[str, dict[str, float]]:
+    """The lr (and Muon momentum) each optimizer group used in the update that made opt_state,
+    read where optim.make_optimizer's inject_hyperparams keep them."""
+    groups = opt_state[1].inner_states
+    return {
+        group: {
+            name: float(value)
+            for name, value in groups[group].inner_state.hyperparams.items()
+            if name in ("learning_rate", "momentum")
+        }
+        for group in optim.GROUPS
+    }
+
+
+def record_hyperparams(monkeypatch) -> list[dict[str, dict[str, float]]]:
+    """Make every train step a stage script compiles append optimizer_hyperparams of the state
+    it returns, one entry per optimizer step in order: what the optimizer really used."""
+    records = []
+    make_train_step = train.make_train_step
+
+    def spy(*args, **kwargs):
+        step = make_train_step(*args, **kwargs)
+
+        def run(*arrays):
+            params, opt_state, metrics = step(*arrays)
+            records.append(optimizer_hyperparams(opt_state))
+            return params, opt_state, metrics
+
+        return run
+
+    monkeypatch.setattr(train, "make_train_step", spy)
+    return records
+
+
+def test_optimizer_hyperparams_are_the_schedules_values(single_device):
+    *_, opt_state = single_device
+    used = optimizer_hyperparams(opt_state)  # after 3 steps: the values of step 2
+    lrm = float(optim.lr_multiplier_schedule(10)(2))
+    adam_scale = (CONFIG.n_embd / 768) ** -0.5
+    assert used["muon"]["learning_rate"] == pytest.approx(0.02 * lrm)
+    assert used["muon"]["momentum"] == pytest.approx(0.85 + 0.1 * 2 / 300)
+    assert used["embedding"]["learning_rate"] == pytest.approx(0.2 * adam_scale * lrm)
+    assert used["unembedding"]["learning_rate"] == pytest.approx(0.004 * adam_scale * lrm)
 
 
 def test_extra_batch_arrays_reach_the_loss(single_device):
