@@ -16,7 +16,6 @@ gives the number of steps and each step's lr (see chat_data). Saves to mid_check
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 
@@ -26,7 +25,6 @@ import numpy as np
 from nanochat_jax import checkpoint, optim, report, sharding, stage, train
 from nanochat_jax.chat_data import MidTrainData, mid_val_batches, render_all
 from nanochat_jax.common import get_base_dir, get_logger
-from nanochat_jax.config import GPTConfig
 from nanochat_jax.loss_eval import evaluate_bpb
 from nanochat_jax.metrics import H100_BF16_PEAK_FLOPS, MetricsWriter, StepClock, flops_per_token
 from nanochat_jax.tokenizer import get_token_bytes, get_tokenizer
@@ -84,26 +82,48 @@ def load_mixtures():
     return train_ds, val_ds
 
 
+def _check(cfg: MidTrainConfig) -> None:
+    """Every flag, before any work: one error line for the first bad one."""
+    positive = ("max_seq_len", "device_batch_size", "total_batch_size", "eval_tokens")
+    stage.check_flags(cfg, positive=(*positive, "log_every", "keep_checkpoints", "peak_flops"))
+    if cfg.step < -1 or cfg.world_size < 0:
+        sys.exit(
+            f"error: --step must be >= -1 and --world_size >= 0, got {cfg.step}, {cfg.world_size}"
+        )
+    if cfg.num_iterations == 0 or cfg.num_iterations < -1:
+        sys.exit(
+            f"error: --num_iterations must be -1 (one epoch) or >= 1, got {cfg.num_iterations}"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = stage.parse_config(MidTrainConfig, argv, __doc__.split("\n\n")[0])
+    _check(cfg)
     mesh = stage.setup_devices(cfg.mesh)
-    dtype = stage.compute_dtype(cfg.dtype)
     base_dir = get_base_dir()
     world = cfg.world_size or sharding.data_parallel_size(mesh)
     try:
+        dtype = stage.compute_dtype(cfg.dtype)
         ranks = stage.local_ranks(world, mesh)
         accum = train.grad_accum_steps(
             cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, world
         )
         tokenizer = get_tokenizer()
         token_bytes = get_token_bytes()
-        model_tag, source_dir, source_meta = stage.source_checkpoint(
-            "base", cfg.model_tag or None, None if cfg.step < 0 else cfg.step
+        source = stage.load_source(
+            "base", cfg.model_tag or None, None if cfg.step < 0 else cfg.step, tokenizer
         )
     except (FileNotFoundError, checkpoint.CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
-    config = GPTConfig.from_dict(source_meta["model_config"])
-    base_batch_size = source_meta.get("device_batch_size")
+    config, model_tag = source.config, source.tag
+    if cfg.max_seq_len > config.rotary_seq_len:
+        sys.exit(
+            f"error: --max_seq_len={cfg.max_seq_len} exceeds the base model's rotary table "
+            f"({config.rotary_seq_len} = 10 x its sequence_len)"
+        )
+    # nanochat saves the midtraining context as the model's sequence_len
+    saved_config = {**config.to_dict(), "sequence_len": cfg.max_seq_len}
+    base_batch_size = source.meta.get("device_batch_size")
     if base_batch_size is not None and cfg.device_batch_size > base_batch_size:
         log.warning(
             "FOOTGUN WARNING: base model training used device_batch_size %d, did you pass in a "
@@ -179,10 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         if resuming:
             restored = ckpt.restore(params_target=params_target, opt_state_target=opt_target)
             return restored.params, restored.opt_state
-        source = checkpoint.load_params(
-            source_dir, lambda meta: params_target, step=source_meta["step"]
-        )
-        return source.params, None
+        return source.load(params_target, opt_target)
 
     state, optimizer = train.init_train_state(
         config, make_optimizer, mesh, compute_dtype=dtype, remat=cfg.remat, load=load
@@ -191,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     start_step = 0
     if restored is not None:
         saved = (restored.meta.get("num_iterations"), restored.meta.get("train_data"))
-        if saved != (steps_total, data_id) or restored.meta["model_config"] != config.to_dict():
+        if saved != (steps_total, data_id) or restored.meta["model_config"] != saved_config:
             ckpt.close()
             sys.exit(
                 f"error: checkpoint step {restored.step} in {ckpt.directory} was made with "
@@ -200,7 +217,9 @@ def main(argv: list[str] | None = None) -> None:
             )
         start_step = restored.step
         log.info("resumed from step %d of %s", start_step, ckpt.directory)
-    log.info("loaded base model %s step %d from %s", model_tag, source_meta["step"], source_dir)
+    log.info(
+        "loaded base model %s step %d from %s", model_tag, source.meta["step"], source.directory
+    )
 
     step_fn = train.make_train_step(
         state,
@@ -227,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         meta = {
             "step": step,
             "val_bpb": val,
-            "model_config": config.to_dict(),
+            "model_config": saved_config,
             "user_config": dataclasses.asdict(cfg),
             "num_iterations": steps_total,
             "train_data": data_id,
@@ -235,6 +254,9 @@ def main(argv: list[str] | None = None) -> None:
         ckpt.save(step, params=state.params, opt_state=state.opt_state, meta=meta)
 
     min_val_bpb, val, pending = float("inf"), None, None
+    # Logging only: nanochat's mid_train counts its step up before debiasing the EMA loss, so
+    # its smoothed loss at step s divides by 1 - 0.9**(s + 2); StepClock uses base_train's
+    # 1 - 0.9**(s + 1). The two agree within a few steps; training is unaffected.
     clock = StepClock(
         tokens_per_step=cfg.total_batch_size,
         flops_per_token=flops_per_tok,
@@ -246,8 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     def log_step(step, metrics):
         """Host-side logging of a finished step (one step late: never blocks the device)."""
         loss = float(metrics["loss"])
-        if not math.isfinite(loss):
-            sys.exit(f"error: loss is {loss} at step {step}; stopping (lower the lrs?)")
+        stage.check_loss(loss, step)
         s = clock.tick(step, loss)
         lrm = float(lrm_by_step[step])
         if step % cfg.log_every == 0 or step == steps_total - 1:
@@ -271,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for step in range(start_step, steps_total + 1):
             last_step = step == steps_total
-            do_eval = cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0)
+            # as nanochat: at the last step whatever eval_every is
+            do_eval = last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
             do_save = not cfg.dry_run and (
                 last_step
                 or (cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0)

@@ -16,6 +16,8 @@ from nanochat_jax.demo_tasks import DemoTasksConfig, write_demo_tasks
 from nanochat_jax.metrics import read_jsonl
 from nanochat_jax.tokenizer import Tokenizer
 from scripts import mid_train
+from tests.test_chat_data import _nanochat_mid
+from tests.test_train import record_hyperparams
 
 COLORS = "red green blue yellow black white pink brown".split()
 THINGS = "sky grass sun snow coal milk rose bark ball hat car cup door box pen".split()
@@ -83,7 +85,8 @@ FLAGS = [
 
 @pytest.fixture(scope="module")
 def base_template(tmp_path_factory):
-    return make_base_dir(tmp_path_factory.mktemp("mid_base"))
+    # a longer base context than the runs' --max_seq_len=64: which one the mid meta keeps shows
+    return make_base_dir(tmp_path_factory.mktemp("mid_base"), seq_len=128)
 
 
 @pytest.fixture
@@ -105,12 +108,14 @@ def _losses(base: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def reference(base_template, tmp_path_factory):
-    """One full run (saving every 4 steps, all kept) and the number of steps it should take."""
+    """One full run (saving every 4 steps, all kept), the data it should have read, and the
+    lrs/momentum its optimizer used at each step."""
     base = tmp_path_factory.mktemp("mid_ref") / "base"
     shutil.copytree(base_template, base)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOCHAT_JAX_BASE_DIR", str(base))
         mp.setattr(mid_train, "load_mixtures", lambda: (TRAIN, VAL))
+        used = record_hyperparams(mp)
         mid_train.main([*FLAGS, "--save_every=4", "--keep_checkpoints=100"])
     tokenizer = Tokenizer.load(base / "tokenizer")
     data = MidTrainData(
@@ -121,11 +126,11 @@ def reference(base_template, tmp_path_factory):
         ranks=[0],
         accum_steps=1,
     )
-    return base, data
+    return base, data, used
 
 
 def test_mid_train_learns_saves_and_reports(reference):
-    base, data = reference
+    base, data, _ = reference
     steps = data.num_steps
     assert 20 < steps < 40
     losses = _losses(base)
@@ -143,6 +148,10 @@ def test_mid_train_learns_saves_and_reports(reference):
     assert meta["step"] == steps and meta["val_bpb"] == pytest.approx(bpbs[-1])
     assert {"step", "val_bpb", "model_config", "user_config"} <= set(meta)
     assert meta["model_config"]["n_layer"] == 1 and meta["user_config"]["device_batch_size"] == 4
+    # nanochat: model_config's sequence_len is midtraining's max_seq_len, not the base model's
+    base_config = checkpoint.read_meta(base / "base_checkpoints" / "d1")["model_config"]
+    assert base_config["sequence_len"] == 128
+    assert meta["model_config"] == {**base_config, "sequence_len": 64}
     # the optimizer used the table: its last update's Muon lr and momentum
     opt_state = ocp.StandardCheckpointer().restore(ckpt_dir / f"{steps:06d}" / "opt_state")
     muon = opt_state[1]["inner_states"]["muon"]["inner_state"]["hyperparams"]
@@ -154,8 +163,37 @@ def test_mid_train_learns_saves_and_reports(reference):
     assert list((base / "runs" / "d1" / "mid").glob("events.out.tfevents.*"))
 
 
+def test_optimizer_follows_nanochats_progress_schedule(reference):
+    """The lrs the optimizer used at every step against nanochat's loop, transcribed: its
+    generator's monotone progress, lrm = 1 then linear to 0 after 80%, lr = base lr * lrm (adam
+    lrs scaled by (n_embd/768)^-0.5), Muon momentum 0.85 -> 0.95 over 300 steps."""
+    base, _, used = reference
+    tokenizer = Tokenizer.load(base / "tokenizer")
+    progress, _ = _nanochat_mid(tokenizer, TRAIN, 4, 64, 1, 1)
+    assert len(used) == len(progress)
+    adam_scale = (64 / 768) ** -0.5  # d1: n_embd 64
+    for step, (p, lrs) in enumerate(zip(progress, used, strict=True)):
+        lrm = 1.0 if p < 0.8 else 1 - (p - 0.8) / 0.2
+        assert lrs["muon"]["learning_rate"] == pytest.approx(0.02 * lrm, rel=1e-6, abs=1e-9)
+        assert lrs["embedding"]["learning_rate"] == pytest.approx(0.2 * adam_scale * lrm, rel=1e-6)
+        assert lrs["unembedding"]["learning_rate"] == pytest.approx(
+            0.004 * adam_scale * lrm, rel=1e-6
+        )
+        assert lrs["muon"]["momentum"] == pytest.approx(0.85 + 0.1 * step / 300, rel=1e-6)
+    assert used[0]["muon"]["learning_rate"] == pytest.approx(0.02)
+    assert used[-1]["muon"]["learning_rate"] < 0.02 * 0.2  # the warmdown happened
+
+
+def test_init_lr_frac_reaches_the_optimizer(base, monkeypatch):
+    used = record_hyperparams(monkeypatch)
+    flags = [*FLAGS, "--num_iterations=2", "--eval_every=-1", "--dry_run=1"]
+    mid_train.main([*flags, "--init_lr_frac=0.25", "--matrix_lr=0.04"])
+    # --num_iterations=2: progress (s + 1) / 2 dominates, so lrm = 1 then 0
+    assert [u["muon"]["learning_rate"] for u in used] == pytest.approx([0.04 * 0.25, 0.0])
+
+
 def test_resume_continues_exactly(reference, base):
-    ref_base, data = reference
+    ref_base, data, _ = reference
     ckpt_dir = base / "mid_checkpoints" / "d1"
     shutil.copytree(ref_base / "mid_checkpoints" / "d1" / "000008", ckpt_dir / "000008")
     mid_train.main([*FLAGS, "--save_every=4", "--resume=1"])
@@ -176,6 +214,8 @@ def test_mesh_8_matches_one_device(base):
     eight = _losses(base)
     assert sorted(one) == sorted(eight) == [0, 1, 2]
     np.testing.assert_allclose([eight[s] for s in range(3)], [one[s] for s in range(3)], rtol=1e-5)
+    # --eval_every=-1 still evaluates at the last step, as nanochat does
+    assert [r["step"] for r in _records(base) if "val/bpb" in r] == [3]
     assert checkpoint.list_model_tags("mid", base) == [] and not (base / "report").exists()
 
 
@@ -245,3 +285,50 @@ def test_default_mixtures_on_offline_demo_tasks(base_template, tmp_path, monkeyp
     mid_train.main([*FLAGS, "--num_iterations=4", "--eval_every=2"])
     meta = checkpoint.read_meta(base / "mid_checkpoints" / "d1")
     assert meta["step"] == 4 and meta["val_bpb"] < 8
+
+
+def _no_data():
+    raise AssertionError("a bad flag must be reported before any data is loaded")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--device_batch_size=0"], "--device_batch_size must be >= 1, got 0"),
+        (["--max_seq_len=0"], "--max_seq_len must be >= 1, got 0"),
+        (["--total_batch_size=0"], "--total_batch_size must be >= 1"),
+        (["--eval_tokens=0"], "--eval_tokens must be >= 1"),
+        (["--log_every=0"], "--log_every must be >= 1"),
+        (["--keep_checkpoints=0"], "--keep_checkpoints must be >= 1"),
+        (["--peak_flops=0"], "--peak_flops must be >= 1"),
+        (["--dtype=fp16"], "--dtype must be auto, float32 or bfloat16, got 'fp16'"),
+        (["--remat=bogus"], "--remat must be one of"),
+        (["--matrix_lr=-1"], "--matrix_lr must be a finite number >= 0"),
+        (["--init_lr_frac=nan"], "--init_lr_frac must be a finite number >= 0"),
+        (["--weight_decay=-0.1"], "--weight_decay must be a finite number >= 0"),
+        (["--step=-2"], "--step must be >= -1"),
+        (["--world_size=-1"], "--world_size >= 0"),
+        (["--num_iterations=0"], "--num_iterations must be -1 (one epoch) or >= 1"),
+        (["--total_batch_size=300"], "must be a positive multiple"),
+        (["--mesh=8", "--world_size=3"], "world_size 3 must be a positive multiple"),
+        (["--max_seq_len=2048", "--total_batch_size=8192"], "exceeds the base model's rotary"),
+        (["--model_tag=d7"], "d7"),
+    ],
+)
+def test_bad_flags_are_one_error_line_before_any_work(base, monkeypatch, flags, message):
+    monkeypatch.setattr(mid_train, "load_mixtures", _no_data)
+    with pytest.raises(SystemExit) as info:
+        mid_train.main([*FLAGS, *flags])
+    text = str(info.value)
+    assert text.startswith("error: ") and message in text and "\n" not in text
+
+
+def test_tokenizer_of_another_vocab_is_one_error_line(base):
+    rng = random.Random(1)
+    docs = [" ".join(rng.choice(COLORS) for _ in range(100)) for _ in range(10)]
+    Tokenizer.train_from_iterator(iter(docs), 280).save(base / "tokenizer")
+    with pytest.raises(SystemExit) as info:
+        mid_train.main(FLAGS)
+    text = str(info.value)
+    assert text.startswith("error: the tokenizer in ") and str(base / "tokenizer") in text
+    assert "has 280 tokens, but base model d1 step 0" in text and "vocab_size 300" in text
