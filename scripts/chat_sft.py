@@ -6,9 +6,11 @@
 One epoch over ARC-Easy + ARC-Challenge + GSM8K + 10K SmolTalk rows, each conversation its own
 row, padded per micro-batch; only the assistant's tokens are supervised. lr = nanochat's base
 lrs * init_lr_frac (0.02), decaying linearly to 0; Muon momentum 0.95; no clipping. Rows vary in
-length, so each step pads to a length bucket (a power of two up to --max_seq_len) and one step is
-compiled per bucket, when first needed. Validation loss every eval_every steps, MMLU and ARC-Easy
-accuracy every eval_metrics_every steps and at the end. Saves the params (no optimizer state,
+length, so each step pads to a length bucket (a power of two from --min_bucket_len up to
+--max_seq_len: 256, 512, 1024, 2048 by default) and one step is compiled per bucket, when first
+needed; the validation batches are all padded to one length (one compilation). Validation loss
+every eval_every steps, MMLU and ARC-Easy accuracy every eval_metrics_every steps, both at the
+end whatever those are. Saves the params (no optimizer state,
 like nanochat) to chatsft_checkpoints/<tag>; logs to the console, TensorBoard and metrics.jsonl
 under <base_dir>/runs/<tag>/sft, and the report section "Chat SFT".
 
@@ -19,7 +21,6 @@ evaluates.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from typing import Any
@@ -32,7 +33,6 @@ from flax import nnx
 from nanochat_jax import checkpoint, optim, report, sharding, stage, train
 from nanochat_jax.chat_data import bucket_for, collate_sft, length_buckets, sft_micro_batches
 from nanochat_jax.common import get_base_dir, get_logger
-from nanochat_jax.config import GPTConfig
 from nanochat_jax.metrics import MetricsWriter
 from nanochat_jax.tokenizer import get_tokenizer
 
@@ -63,6 +63,7 @@ class ChatSFTConfig:
     # ours
     eval_metrics_max_problems: int = 1024  # per task (nanochat: 1024)
     max_seq_len: int = 2048  # rows are truncated to this many tokens (nanochat: 2048)
+    min_bucket_len: int = 256  # shortest padded length (fewer buckets: fewer compilations)
     world_size: int = 0  # nanochat DDP ranks whose data order to follow (0: data-parallel devices)
     mesh: str = "1"
     remat: str = "none"
@@ -103,33 +104,49 @@ def rank_losses(nll_BT: jax.Array, targets_BT: jax.Array, world_size: int) -> ja
     return jnp.sum(nll_RN, axis=1) / jnp.maximum(jnp.sum(valid_RN, axis=1), 1)
 
 
+def _check(cfg: ChatSFTConfig) -> None:
+    """Every flag, before any work: one error line for the first bad one."""
+    if cfg.source not in ("base", "mid"):
+        sys.exit(f"error: --source must be base or mid, got {cfg.source!r}")
+    positive = ("device_batch_size", "num_epochs", "target_examples_per_step", "eval_steps")
+    positive += ("eval_metrics_max_problems", "max_seq_len", "min_bucket_len", "log_every")
+    stage.check_flags(cfg, positive=positive)
+    if cfg.step < -1 or cfg.world_size < 0 or cfg.max_iterations < -1:
+        sys.exit(
+            "error: --step and --max_iterations must be >= -1 and --world_size >= 0, got "
+            f"{cfg.step}, {cfg.max_iterations} and {cfg.world_size}"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = stage.parse_config(ChatSFTConfig, argv, __doc__.split("\n\n")[0])
+    _check(cfg)
     mesh = stage.setup_devices(cfg.mesh)
-    dtype = stage.compute_dtype(cfg.dtype)
     base_dir = get_base_dir()
     world = cfg.world_size or sharding.data_parallel_size(mesh)
     examples_per_step = cfg.device_batch_size * world
-    if cfg.source not in ("base", "mid"):
-        sys.exit(f"error: --source must be base or mid, got {cfg.source!r}")
-    if cfg.device_batch_size < 1 or cfg.target_examples_per_step % examples_per_step:
+    if cfg.target_examples_per_step % examples_per_step:
         sys.exit(
             f"error: --target_examples_per_step={cfg.target_examples_per_step} must be a multiple "
             f"of device_batch_size * world size = {cfg.device_batch_size} * {world}"
         )
-    if cfg.eval_every > 0 and cfg.eval_steps < 1:
-        sys.exit(f"error: --eval_steps must be >= 1 (or --eval_every=-1), got {cfg.eval_steps}")
     accum = cfg.target_examples_per_step // examples_per_step
     try:
+        dtype = stage.compute_dtype(cfg.dtype)
         ranks = stage.local_ranks(world, mesh)
-        buckets = length_buckets(cfg.max_seq_len)
+        buckets = length_buckets(cfg.max_seq_len, cfg.min_bucket_len)
         tokenizer = get_tokenizer()
-        model_tag, source_dir, source_meta = stage.source_checkpoint(
-            cfg.source, cfg.model_tag or None, None if cfg.step < 0 else cfg.step
+        source = stage.load_source(
+            cfg.source, cfg.model_tag or None, None if cfg.step < 0 else cfg.step, tokenizer
         )
     except (FileNotFoundError, checkpoint.CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
-    config = GPTConfig.from_dict(source_meta["model_config"])
+    config, model_tag = source.config, source.tag
+    if cfg.max_seq_len > config.rotary_seq_len:
+        sys.exit(
+            f"error: --max_seq_len={cfg.max_seq_len} exceeds the {cfg.source} model's rotary "
+            f"table ({config.rotary_seq_len} = 10 x its sequence_len)"
+        )
     try:
         train_ds, val_ds = load_mixtures()
     except (ImportError, OSError, ValueError) as e:
@@ -159,16 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     def make_optimizer(params):
         return optim.make_optimizer(params, opt_cfg, lr_schedule)
 
-    def load(params_target, opt_target):
-        source = checkpoint.load_params(
-            source_dir, lambda meta: params_target, step=source_meta["step"]
-        )
-        return source.params, None
-
     state, optimizer = train.init_train_state(
-        config, make_optimizer, mesh, compute_dtype=dtype, remat=cfg.remat, load=load
+        config, make_optimizer, mesh, compute_dtype=dtype, remat=cfg.remat, load=source.load
     )
-    log.info("loaded %s model %s step %d", cfg.source, model_tag, source_meta["step"])
+    log.info("loaded %s model %s step %d", cfg.source, model_tag, source.meta["step"])
 
     def loss_fn(params, graphdef, rest, inputs_BT, targets_BT):
         nll_BT = nnx.merge(graphdef, params, rest)(inputs_BT, targets_BT, loss_reduction="none")
@@ -221,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
         ]
 
     def collate(micro_batches: list[list[list]]) -> tuple[int, np.ndarray, np.ndarray]:
-        """[micro-step][rank] row lists -> (bucket, inputs, targets), (A, local rows, bucket)."""
+        """[micro-step][rank] row lists -> (bucket, inputs, targets), (A, local rows, bucket):
+        every micro-batch padded to the bucket of the longest row among them all."""
         longest = max(
             len(ids) for per_rank in micro_batches for rows in per_rank for ids, _ in rows
         )
@@ -240,11 +252,14 @@ def main(argv: list[str] | None = None) -> None:
     val_cache: list[tuple[np.ndarray, np.ndarray]] = []
 
     def val_loss() -> float:
-        # the val batches are the same at every eval (nanochat re-renders them): collate once
+        # The val batches are the same at every eval (nanochat re-renders them): collate once,
+        # all to one padded length, so val_losses compiles once (padding changes no loss).
         if not val_cache:
-            for _ in range(cfg.eval_steps):
-                _, inputs, targets = collate([[next(it) for it in val_iters]])
-                val_cache.append((inputs[0], targets[0]))
+            length, inputs, targets = collate(
+                [[next(it) for it in val_iters] for _ in range(cfg.eval_steps)]
+            )
+            val_cache.extend(zip(inputs, targets, strict=True))
+            log.info("validation: %d batches padded to length %d", cfg.eval_steps, length)
         losses = [
             val_losses(state.params, state.rest, *stage_batch)
             for stage_batch in stage.sharded_batches(val_cache, mesh)
@@ -284,8 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         loss = float(result["loss"])
         now = time.perf_counter()
         dt, t_last = now - t_last, now
-        if not math.isfinite(loss):
-            sys.exit(f"error: loss is {loss} at step {step}; stopping (lower the lrs?)")
+        stage.check_loss(loss, step)
         train_loss = loss
         lrm = 1.0 - step / num_iterations
         if step % cfg.log_every == 0 or step == num_iterations - 2:
@@ -310,9 +324,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for step in range(num_iterations):
             last_step = step == num_iterations - 1
-            do_eval = cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0)
-            do_metrics = cfg.eval_metrics_every > 0 and (
-                last_step or (step > 0 and step % cfg.eval_metrics_every == 0)
+            # as nanochat: both evaluations at the last step whatever eval_every(_metrics) are
+            do_eval = last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
+            do_metrics = last_step or (
+                cfg.eval_metrics_every > 0 and step > 0 and step % cfg.eval_metrics_every == 0
             )
             if pending is not None and (do_eval or do_metrics or last_step):
                 log_step(*pending)
@@ -355,7 +370,10 @@ def main(argv: list[str] | None = None) -> None:
             ckpt.save(step, params=state.params, meta=meta)
     finally:
         writer.close()
-    print(f"Saved model checkpoint for step {step} ({len(step_fns)} compiled train steps)")
+    print(
+        f"Saved model checkpoint for step {step}; compilations: {len(step_fns)} train steps "
+        f"(lengths {sorted(step_fns)}), 1 validation step (length {val_cache[0][0].shape[-1]})"
+    )
 
     report.log_section(
         "Chat SFT",

@@ -16,6 +16,7 @@ from nanochat_jax.metrics import read_jsonl
 from nanochat_jax.tokenizer import Tokenizer
 from scripts import chat_sft
 from tests.test_mid_train import COLORS, THINGS, conversations, make_base_dir
+from tests.test_train import record_hyperparams
 
 
 def _long_conversations(n: int, seed: int) -> list[dict]:
@@ -112,7 +113,7 @@ def reference(base_template, tmp_path_factory):
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("NANOCHAT_JAX_BASE_DIR", str(base))
             _use_tiny_tasks(mp)
-            chat_sft.main(FLAGS)
+            chat_sft.main([*FLAGS, "--min_bucket_len=64"])  # the default 256 would be one bucket
     finally:
         logging.getLogger("nanochat_jax").removeHandler(handler)
     return base, handler.messages
@@ -179,16 +180,42 @@ def test_rank_losses_are_means_of_per_rank_means():
     np.testing.assert_allclose(chat_sft.rank_losses(nll, targets, 4), [1.5, 3.0, 5.5, 0.0])
 
 
-def test_mesh_8_matches_one_device(base):
+def test_mesh_8_matches_one_device(base, capsys):
     flags = [*FLAGS, "--device_batch_size=1", "--world_size=8", "--max_iterations=4"]
     flags += ["--eval_every=-1", "--eval_metrics_every=-1"]
     chat_sft.main([*flags, "--mesh=1"])
     one = {r["step"]: r["train/loss"] for r in _records(base) if "train/loss" in r}
     (base / "runs" / "d1" / "sft" / "metrics.jsonl").unlink()
     chat_sft.main([*flags, "--mesh=8"])
-    eight = {r["step"]: r["train/loss"] for r in _records(base) if "train/loss" in r}
+    records = _records(base)
+    eight = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
     assert sorted(one) == sorted(eight) == [0, 1, 2]
     np.testing.assert_allclose([eight[s] for s in one], [one[s] for s in one], rtol=1e-5)
+    # evaluations at the last step whatever eval_every and eval_metrics_every (nanochat)
+    assert [r["step"] for r in records if "val/loss" in r] == [3]
+    assert [r["step"] for r in records if "val/mmlu_acc" in r] == [3]
+    # the default shortest bucket is 256: with --max_seq_len=256, one compiled train step
+    assert {r["train/length"] for r in records if "train/length" in r} == {256}
+    out = capsys.readouterr().out
+    expected = "compilations: 1 train steps (lengths [256]), 1 validation step (length 256)"
+    assert out.count(expected) == 2
+
+
+def test_lrs_reach_the_optimizer(base, monkeypatch):
+    """The lrs the optimizer used, with nanochat's default init_lr_frac (0.02): base lr *
+    init_lr_frac * (1 - step / num_iterations), adam lrs scaled by (n_embd/768)^-0.5."""
+    assert chat_sft.ChatSFTConfig().init_lr_frac == 0.02
+    used = record_hyperparams(monkeypatch)
+    flags = [f for f in FLAGS if not f.startswith("--init_lr_frac")]
+    chat_sft.main([*flags, "--max_iterations=4", "--eval_every=-1", "--eval_metrics_every=-1"])
+    assert len(used) == 3  # 4 iterations: 3 optimizer steps, the last one evaluates
+    adam_scale = (64 / 768) ** -0.5  # d1: n_embd 64
+    for step, lrs in enumerate(used):
+        lrm = 0.02 * (1 - step / 4)
+        assert lrs["muon"]["learning_rate"] == pytest.approx(0.02 * lrm, rel=1e-6)
+        assert lrs["embedding"]["learning_rate"] == pytest.approx(0.2 * adam_scale * lrm)
+        assert lrs["unembedding"]["learning_rate"] == pytest.approx(0.004 * adam_scale * lrm)
+        assert lrs["muon"]["momentum"] == pytest.approx(0.95)
 
 
 def test_default_source_is_mid(base):
@@ -244,3 +271,50 @@ def test_default_mixtures_and_metrics_on_offline_demo_tasks(base_template, tmp_p
     meta = checkpoint.read_meta(base / "chatsft_checkpoints" / "d1")
     assert meta["step"] == 2 and meta["mmlu_acc"] in {i / 8 for i in range(9)}
     assert meta["arc_easy_acc"] in {i / 8 for i in range(9)}
+
+
+def _no_data():
+    raise AssertionError("a bad flag must be reported before any data is loaded")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--source=rl"], "--source must be base or mid"),
+        (["--device_batch_size=0"], "--device_batch_size must be >= 1, got 0"),
+        (["--target_examples_per_step=0"], "--target_examples_per_step must be >= 1, got 0"),
+        (["--target_examples_per_step=6"], "must be a multiple of device_batch_size"),
+        (["--num_epochs=0"], "--num_epochs must be >= 1"),
+        (["--eval_steps=0"], "--eval_steps must be >= 1"),
+        (["--eval_metrics_max_problems=0"], "--eval_metrics_max_problems must be >= 1"),
+        (["--max_seq_len=0"], "--max_seq_len must be >= 1"),
+        (["--min_bucket_len=0"], "--min_bucket_len must be >= 1"),
+        (["--log_every=0"], "--log_every must be >= 1"),
+        (["--dtype=fp16"], "--dtype must be auto, float32 or bfloat16, got 'fp16'"),
+        (["--remat=bogus"], "--remat must be one of"),
+        (["--embedding_lr=-1"], "--embedding_lr must be a finite number >= 0"),
+        (["--init_lr_frac=inf"], "--init_lr_frac must be a finite number >= 0"),
+        (["--step=-2"], "--step and --max_iterations must be >= -1"),
+        (["--max_iterations=-2"], "--step and --max_iterations must be >= -1"),
+        (["--world_size=-1"], "--world_size >= 0"),
+        (["--max_seq_len=1000"], "exceeds the base model's rotary table (640"),
+        (["--model_tag=d7"], "d7"),
+    ],
+)
+def test_bad_flags_are_one_error_line_before_any_work(base, monkeypatch, flags, message):
+    monkeypatch.setattr(chat_sft, "load_mixtures", _no_data)
+    with pytest.raises(SystemExit) as info:
+        chat_sft.main([*FLAGS, *flags])
+    text = str(info.value)
+    assert text.startswith("error: ") and message in text and "\n" not in text
+
+
+def test_tokenizer_of_another_vocab_is_one_error_line(base):
+    rng = random.Random(1)
+    docs = [" ".join(rng.choice(COLORS) for _ in range(100)) for _ in range(10)]
+    Tokenizer.train_from_iterator(iter(docs), 280).save(base / "tokenizer")
+    with pytest.raises(SystemExit) as info:
+        chat_sft.main(FLAGS)
+    text = str(info.value)
+    assert text.startswith("error: the tokenizer in ") and str(base / "tokenizer") in text
+    assert "has 280 tokens, but base model d1 step 0" in text and "vocab_size 300" in text
