@@ -6,7 +6,8 @@
 Simplified GRPO, i.e. on-policy REINFORCE: each step samples num_samples completions of
 examples_per_step training questions, rewards them with GSM8K's answer check, and takes one
 gradient step on -sum(logp * (reward - mean reward of the question)), normalised per token (see
-nanochat_jax/rl.py). pass@1..device_batch_size on the test set every eval_every steps. Saves
+nanochat_jax/rl.py). pass@1..device_batch_size on the test set every eval_every steps, sampled
+as nanochat's run_gsm8k_eval (temperature 1.0, top_k 50, 256 tokens: the --eval_* flags). Saves
 phase "rl" (parameters only). Logs go to the console, TensorBoard and metrics.jsonl under
 <base_dir>/runs/<model_tag>/rl, and a "Chat RL" report section at the end.
 
@@ -20,7 +21,6 @@ generated one after another by this process (the engine runs on the mesh's param
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 
@@ -30,7 +30,6 @@ import numpy as np
 
 from nanochat_jax import checkpoint, optim, report, rl, sharding, stage, train
 from nanochat_jax.common import get_base_dir, get_logger
-from nanochat_jax.config import GPTConfig
 from nanochat_jax.engine import Engine
 from nanochat_jax.metrics import MetricsWriter
 from nanochat_jax.tokenizer import get_tokenizer
@@ -59,6 +58,9 @@ class ChatRLConfig:
     eval_every: int = 60
     eval_examples: int = 400
     # ours
+    eval_max_new_tokens: int = 256  # pass@k sampling (nanochat's run_gsm8k_eval: 256, 1.0, 50)
+    eval_temperature: float = 1.0
+    eval_top_k: int = 50
     model_tag: str = ""  # default: the largest dN of the source phase
     model_step: int = -1  # source checkpoint step (-1: latest)
     num_iterations: int = -1  # override the number of steps (-1: num_epochs over the train set)
@@ -73,12 +75,12 @@ def load_tasks():
 
 
 def _check(cfg: ChatRLConfig, dp: int) -> None:
+    """Every flag, before any work: one error line for the first bad one."""
     if cfg.source not in ("mid", "sft"):
         sys.exit(f"error: --source must be mid or sft, got {cfg.source!r}")
     positive = ("device_batch_size", "examples_per_step", "num_samples", "max_new_tokens")
-    for name in (*positive, "num_epochs", "top_k"):
-        if getattr(cfg, name) < 1:
-            sys.exit(f"error: --{name} must be >= 1, got {getattr(cfg, name)}")
+    positive += ("num_epochs", "top_k", "eval_examples", "eval_max_new_tokens", "eval_top_k")
+    stage.check_flags(cfg, positive=positive, non_negative=("temperature", "eval_temperature"))
     if cfg.num_samples % cfg.device_batch_size:
         sys.exit(
             f"error: --num_samples ({cfg.num_samples}) must be a multiple of "
@@ -89,10 +91,11 @@ def _check(cfg: ChatRLConfig, dp: int) -> None:
             f"error: --examples_per_step ({cfg.examples_per_step}) must be a multiple of the "
             f"{dp} data-parallel devices"
         )
-    if not (math.isfinite(cfg.temperature) and cfg.temperature >= 0):
-        sys.exit(f"error: --temperature must be a finite number >= 0, got {cfg.temperature}")
-    if cfg.init_lr_frac < 0 or cfg.eval_examples < 1:
-        sys.exit("error: --init_lr_frac must be >= 0 and --eval_examples >= 1")
+    if cfg.model_step < -1 or cfg.num_iterations == 0 or cfg.num_iterations < -1:
+        sys.exit(
+            f"error: --model_step must be >= -1 and --num_iterations -1 or >= 1, got "
+            f"{cfg.model_step} and {cfg.num_iterations}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,12 +110,10 @@ def main(argv: list[str] | None = None) -> None:
         dtype = stage.compute_dtype(cfg.dtype)
         tokenizer = get_tokenizer()
         source_step = None if cfg.model_step < 0 else cfg.model_step
-        model_tag, source_dir, source_meta = stage.source_checkpoint(
-            cfg.source, cfg.model_tag or None, source_step
-        )
+        source = stage.load_source(cfg.source, cfg.model_tag or None, source_step, tokenizer)
     except (FileNotFoundError, checkpoint.CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
-    config = GPTConfig.from_dict(source_meta["model_config"])
+    config, model_tag = source.config, source.tag
     try:
         train_task, val_task = load_tasks()
     except (ImportError, OSError) as e:
@@ -137,6 +138,17 @@ def main(argv: list[str] | None = None) -> None:
         seq_len = rl.train_seq_len(longest, config.sequence_len, config.rotary_seq_len)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    if cfg.eval_every > 0:  # the engine's limit, checked now rather than at the first eval
+        eval_ids = range(min(cfg.eval_examples, len(val_task)))
+        eval_prompt = max(
+            (len(tokenizer.render_for_completion(val_task[i])) for i in eval_ids), default=0
+        )
+        if eval_prompt + cfg.eval_max_new_tokens - 1 > config.rotary_seq_len:
+            sys.exit(
+                f"error: a test prompt plus --eval_max_new_tokens reaches "
+                f"{eval_prompt + cfg.eval_max_new_tokens} tokens; the model handles at most "
+                f"{config.rotary_seq_len + 1} (lower --eval_max_new_tokens)"
+            )
     passes = cfg.num_samples // cfg.device_batch_size
     accum = examples_per_rank * passes
     print(f"Calculated number of steps: {num_steps}")
@@ -150,14 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     def make_optimizer(params):
         return optim.make_optimizer(params, opt_cfg, lr_schedule)
 
-    def load(params_target, opt_target):  # exactly the step whose meta was read
-        restored = checkpoint.load_params(
-            source_dir, lambda meta: params_target, step=source_meta["step"]
-        )
-        return restored.params, None
-
     state, optimizer = train.init_train_state(
-        config, make_optimizer, mesh, compute_dtype=dtype, load=load
+        config, make_optimizer, mesh, compute_dtype=dtype, load=source.load
     )
     step_fn = train.make_train_step(
         state,
@@ -199,7 +205,9 @@ def main(argv: list[str] | None = None) -> None:
                     val_task,
                     max_examples=cfg.eval_examples,
                     num_samples=cfg.device_batch_size,
-                    **sample_kw,
+                    max_new_tokens=cfg.eval_max_new_tokens,
+                    temperature=cfg.eval_temperature,
+                    top_k=cfg.eval_top_k,
                 )
                 print(
                     f"Step {step} | "
@@ -241,8 +249,7 @@ def main(argv: list[str] | None = None) -> None:
             rollout_s, train_s = rollout_s + t1 - t0, train_s + t2 - t1
             rollout_tokens += generated
             lrm = 1 - step / num_steps  # times init_lr_frac: the base lrs' multiplier
-            if not math.isfinite(loss):
-                sys.exit(f"error: loss is {loss} at step {step}; stopping (lower the lrs?)")
+            stage.check_loss(loss, step)
             print(
                 f"Step {step}/{num_steps} | Average reward: {mean_reward} | Average sequence "
                 f"length: {mean_len:.2f} | loss: {loss:.6f} | lrm: {lrm:.4f} | rollout: "

@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nanochat_jax import checkpoint, stage
+from nanochat_jax import checkpoint, rl, stage
 from nanochat_jax.metrics import read_jsonl
+from nanochat_jax.tokenizer import Tokenizer
 from scripts import chat_rl
 from tests.test_chat_cli import make_tiny_base
+from tests.test_train import record_hyperparams
 
 FLAGS = [
     "--device_batch_size=2",
@@ -20,6 +22,7 @@ FLAGS = [
     "--max_new_tokens=12",
     "--eval_every=2",
     "--eval_examples=2",
+    "--eval_max_new_tokens=12",
     "--save_every=2",
 ]
 
@@ -76,7 +79,8 @@ def env(base_dir, monkeypatch):
     return base_dir
 
 
-def test_tiny_run_trains_logs_saves_and_reports(env, capsys):
+def test_tiny_run_trains_logs_saves_and_reports(env, capsys, monkeypatch):
+    used = record_hyperparams(monkeypatch)
     chat_rl.main(FLAGS)
     out = capsys.readouterr().out
     assert "Calculated number of steps: 4" in out  # 9 // 2
@@ -88,6 +92,16 @@ def test_tiny_run_trains_logs_saves_and_reports(env, capsys):
         assert 0 <= r["train/reward"] <= 1 and r["train/sequence_length"] > 10
         assert r["train/rollout_tok_per_sec"] > 0
     assert [train[s]["train/lrm"] for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    # what the optimizer used: base lr * init_lr_frac (default 0.05) * (1 - step / 4), adam lrs
+    # scaled by (n_embd/768)^-0.5, Muon momentum 0.95
+    assert len(used) == 4 and chat_rl.ChatRLConfig().init_lr_frac == 0.05
+    adam_scale = (32 / 768) ** -0.5  # the tiny model's n_embd is 32
+    for step, lrs in enumerate(used):
+        lrm = 0.05 * (1 - step / 4)
+        assert lrs["muon"]["learning_rate"] == pytest.approx(0.02 * lrm, rel=1e-6)
+        assert lrs["embedding"]["learning_rate"] == pytest.approx(0.2 * adam_scale * lrm)
+        assert lrs["unembedding"]["learning_rate"] == pytest.approx(0.004 * adam_scale * lrm)
+        assert lrs["muon"]["momentum"] == pytest.approx(0.95)
     for r in evals.values():  # pass@k is a non-decreasing fraction
         passk = [r[f"eval/pass@{k}"] for k in (1, 2)]
         assert 0 <= passk[0] <= passk[1] <= 1
@@ -105,6 +119,36 @@ def test_tiny_run_trains_logs_saves_and_reports(env, capsys):
     report = (env / "report" / "chat-rl.md").read_text()
     assert "## Chat RL" in report and "- num_samples: 4" in report
     assert "Engine compilations: " in out and "train step compilations: 1" in out
+
+
+class _Evaluated(Exception):
+    pass
+
+
+def test_pass_at_k_samples_as_nanochats_eval_not_as_training(env, monkeypatch):
+    """nanochat's run_gsm8k_eval samples at temperature 1.0, top_k 50, 256 tokens, whatever the
+    rollouts use; the --eval_* flags default to exactly that."""
+    seen = {}
+
+    def spy(engine, tokenizer, task, **kwargs):
+        seen.update(kwargs)
+        raise _Evaluated
+
+    monkeypatch.setattr(rl, "evaluate_pass_at_k", spy)
+    flags = [f for f in FLAGS if not f.startswith("--eval_max_new_tokens")]
+    with pytest.raises(_Evaluated):
+        chat_rl.main([*flags, "--temperature=0.5", "--top_k=7", "--max_new_tokens=9"])
+    assert seen == {
+        "max_examples": 2,
+        "num_samples": 2,  # device_batch_size
+        "max_new_tokens": 256,
+        "temperature": 1.0,
+        "top_k": 50,
+    }
+    seen.clear()
+    with pytest.raises(_Evaluated):
+        chat_rl.main([*FLAGS, "--eval_temperature=0", "--eval_top_k=3"])
+    assert (seen["max_new_tokens"], seen["temperature"], seen["top_k"]) == (12, 0.0, 3)
 
 
 def _run(env, base, monkeypatch, *flags) -> list[tuple[float, float, float]]:
@@ -177,9 +221,37 @@ def _copy_tree(src, dst):
         (["--source=mid"], "no checkpoints in"),
         (["--model_step=5"], "no step 5 in"),
         (["--dtype=float16"], "dtype must be auto, float32 or bfloat16"),
+        (["--dtype=fp16"], "--dtype must be auto, float32 or bfloat16, got 'fp16'"),
+        (["--device_batch_size=0"], "--device_batch_size must be >= 1"),
+        (["--top_k=0"], "--top_k must be >= 1"),
+        (["--eval_examples=0"], "--eval_examples must be >= 1"),
+        (["--eval_top_k=0"], "--eval_top_k must be >= 1"),
+        (["--eval_max_new_tokens=0"], "--eval_max_new_tokens must be >= 1"),
+        (["--eval_max_new_tokens=700"], "lower --eval_max_new_tokens"),
+        (["--temperature=-1"], "--temperature must be a finite number >= 0"),
+        (["--eval_temperature=nan"], "--eval_temperature must be a finite number >= 0"),
+        (["--matrix_lr=-1"], "--matrix_lr must be a finite number >= 0"),
+        (["--init_lr_frac=-0.5"], "--init_lr_frac must be a finite number >= 0"),
+        (["--num_iterations=0"], "--num_iterations -1 or >= 1"),
+        (["--model_step=-2"], "--model_step must be >= -1"),
     ],
 )
 def test_clear_errors(env, flags, message):
     with pytest.raises(SystemExit) as info:
         chat_rl.main([*FLAGS, *flags])
     assert str(info.value).startswith("error: ") and message in str(info.value)
+
+
+def test_tokenizer_of_another_vocab_is_one_error_line(base_dir, tmp_path, monkeypatch):
+    base = tmp_path / "vocab"
+    _copy_tree(base_dir / "chatsft_checkpoints", base / "chatsft_checkpoints")
+    Tokenizer.train_from_iterator(iter(["one two three four five " * 50]), 280).save(
+        base / "tokenizer"
+    )
+    monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(base))
+    monkeypatch.setattr(chat_rl, "load_tasks", lambda: (TinyMathTask(9), TinyMathTask(3)))
+    with pytest.raises(SystemExit) as info:
+        chat_rl.main(FLAGS)
+    text = str(info.value)
+    assert text.startswith("error: the tokenizer in ") and str(base / "tokenizer") in text
+    assert "has 280 tokens, but sft model d1 step 0" in text and "vocab_size 320" in text
