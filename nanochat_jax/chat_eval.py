@@ -6,16 +6,20 @@ a batch is right-padded with <|bos|>, one forward, and at each row's last prompt
 logits of the allowed answer letters are compared; the largest is the answer. Attention is
 causal, so padding after a row's prompt cannot change that row's logits. To compile a handful of
 times rather than once per batch, every batch has the full `batch_size` rows (the last one is
-filled with dummy rows) and the padded length is a power of two (at least 16).
+filled with dummy rows) and the padded length is a power of two (`engine.length_bucket`). With a
+mesh the batch is split over its data-parallel devices (nanochat strides batches over its ranks);
+the next batch is dispatched before the current one's logits are read, so the host's rendering
+overlaps the devices' forward.
 
-Generative tasks (GSM8K, HumanEval): `Engine.generate_batch` with `num_samples` samples per
-problem (nanochat's default seed 42 for each), the tokens after the prompt decoded and graded;
-a problem passes if any sample passes (pass@num_samples). Grading runs in a thread pool while
-the next problem is generated, so HumanEval's sandboxed programs overlap with decoding.
+Generative tasks (GSM8K, HumanEval): `generate_batch` with `num_samples` samples per problem
+(nanochat's default seed 42 for each), the tokens after the prompt decoded and graded; a problem
+passes if any sample passes (pass@num_samples). Given an `EnginePool`, the problems are spread
+over its replicas, one per device (nanochat strides them over its ranks); each problem's answer
+is the same as a single Engine's. Grading runs in a thread pool while later problems are
+generated, so HumanEval's sandboxed programs overlap with decoding.
 
-nanochat strides problems over its GPU ranks and all-reduces the counts; with JAX's single
-controller one process drives every device, so it simply evaluates every problem (an optional
-mesh shards the categorical batch over the data axes).
+nanochat all-reduces its ranks' counts; with JAX's single controller one process drives every
+device and counts everything itself.
 """
 
 from __future__ import annotations
@@ -33,16 +37,14 @@ import numpy as np
 from flax import nnx
 
 from nanochat_jax import sharding
+from nanochat_jax.engine import Engine, EnginePool, length_bucket
+from nanochat_jax.tasks import TASK_NAMES, get_task
 
-# ChatCORE's random-guess baselines; the keys are chat_eval's default task order.
-BASELINE_ACCURACY = {
-    "ARC-Easy": 0.25,
-    "ARC-Challenge": 0.25,
-    "MMLU": 0.25,
-    "GSM8K": 0.0,
-    "HumanEval": 0.0,
-}
-_MIN_BUCKET = 16
+# A random letter is right one time in four on these; a random answer never is on the others
+# (GSM8K, HumanEval; nanochat's SpellingBee too).
+_FOUR_CHOICE_TASKS = frozenset({"ARC-Easy", "ARC-Challenge", "MMLU"})
+# ChatCORE's random-guess baselines, in chat_eval's default task order (tasks.TASK_NAMES).
+BASELINE_ACCURACY = {name: 0.25 if name in _FOUR_CHOICE_TASKS else 0.0 for name in TASK_NAMES}
 
 
 class TaskLike(Protocol):
@@ -54,11 +56,9 @@ class TaskLike(Protocol):
 
 
 def load_task(task_name: str) -> TaskLike:
-    """The test split of one of chat_eval's tasks (BASELINE_ACCURACY's keys)."""
+    """The test split of one of chat_eval's tasks (tasks.TASK_NAMES; data read here)."""
     if task_name not in BASELINE_ACCURACY:
         raise ValueError(f"unknown task {task_name!r}; allowed: {', '.join(BASELINE_ACCURACY)}")
-    from nanochat_jax.tasks import get_task  # the datasets: only when a task is evaluated
-
     return get_task(task_name, split="test")
 
 
@@ -125,7 +125,18 @@ def _answer_logits(graphdef: nnx.GraphDef, state: nnx.State, ids_BT, pos_B) -> j
 def _length_bucket(length: int, limit: int) -> int:
     if length > limit:
         raise ValueError(f"a prompt of {length} tokens exceeds the model's maximum {limit}")
-    return min(max(_MIN_BUCKET, 1 << (length - 1).bit_length()), limit)
+    return length_bucket(length, limit)
+
+
+def _on_mesh(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
+    """The model's arrays laid out on the mesh by the sharding rules (replicated over `data`),
+    so that a batch split over the mesh meets them; no copy for arrays already there (a
+    model from chat_sft's train state)."""
+    pure = nnx.to_pure_dict(state)
+    placed = jax.device_put(pure, sharding.tree_shardings(pure, mesh))
+    state = jax.tree.map(lambda v: v, state)  # a fresh State to fill
+    nnx.replace_by_pure_dict(state, placed)
+    return state
 
 
 def _letter_token(tokenizer, letter: str) -> int:
@@ -149,7 +160,8 @@ def run_categorical_eval(
     progress: bool = True,
     label: str = "categorical",
 ) -> float:
-    """Accuracy of the model's letter choice over the first `max_problems` problems."""
+    """Accuracy of the model's letter choice over the first `max_problems` problems.
+    batch_size: rows per forward, over the whole mesh (a multiple of its data-parallel size)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if mesh is not None:
@@ -163,10 +175,13 @@ def run_categorical_eval(
     bos = tokenizer.get_bos_token_id()
     limit = model.config.rotary_seq_len
     graphdef, state = nnx.split(model)
+    if mesh is not None:
+        state = _on_mesh(state, mesh)
     letter_ids: dict[str, int] = {}
     passed = total = 0
     meter = _Progress(label, num_problems, progress)
-    for first in range(0, num_problems, batch_size):
+
+    def dispatch(first: int) -> tuple[list[dict], jax.Array]:
         conversations = [task[i] for i in range(first, min(first + batch_size, num_problems))]
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
         T = _length_bucket(max(len(p) for p in prompts), limit)
@@ -178,7 +193,14 @@ def run_categorical_eval(
             pos_B[row] = len(prompt) - 1
         if mesh is not None:
             ids_BT, pos_B = sharding.shard_batch(ids_BT, mesh), sharding.shard_batch(pos_B, mesh)
-        logits_BV = np.asarray(jax.device_get(_answer_logits(graphdef, state, ids_BT, pos_B)))
+        return conversations, _answer_logits(graphdef, state, ids_BT, pos_B)
+
+    pending = dispatch(0)
+    for first in range(0, num_problems, batch_size):
+        conversations, logits_BV = pending
+        if first + batch_size < num_problems:  # asynchronous: runs while we grade this batch
+            pending = dispatch(first + batch_size)
+        logits_BV = np.asarray(jax.device_get(logits_BV))
         for row, conversation in enumerate(conversations):
             letters = conversation["letters"]
             for letter in letters:
@@ -198,7 +220,7 @@ def run_categorical_eval(
 def run_generative_eval(
     task: TaskLike,
     tokenizer,
-    engine,
+    engine: Engine | EnginePool,
     *,
     num_samples: int = 1,
     max_new_tokens: int = 512,
@@ -209,12 +231,26 @@ def run_generative_eval(
     label: str = "generative",
     grader_threads: int | None = None,
 ) -> float:
-    """pass@num_samples over the first `max_problems` problems."""
+    """pass@num_samples over the first `max_problems` problems. `engine`: an EnginePool spreads
+    the problems over its replicas; anything else with Engine's `generate_batch` answers them
+    one after another. Either way the answers, and so the accuracy, are the same."""
     num_problems = _num_problems(task, max_problems)
     meter = _Progress(label, num_problems, progress)
     workers = grader_threads or os.cpu_count() or 1
     passed = done = 0
     pending: list[Future] = []
+
+    def answer(engine: Engine, i: int) -> tuple[dict, list[str]]:
+        conversation = task[i]
+        prompt = tokenizer.render_for_completion(conversation)
+        results, _ = engine.generate_batch(
+            prompt,
+            num_samples=num_samples,
+            max_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+        )
+        return conversation, [tokenizer.decode(tokens[len(prompt) :]) for tokens in results]
 
     def grade(conversation: dict, completions: list[str]) -> bool:
         return any(bool(task.evaluate(conversation, text)) for text in completions)
@@ -226,18 +262,12 @@ def run_generative_eval(
             done += 1
             meter.update(passed, done)
 
+    if isinstance(engine, EnginePool):
+        answers = engine.imap(answer, range(num_problems))
+    else:
+        answers = (answer(engine, i) for i in range(num_problems))
     with ThreadPoolExecutor(max_workers=workers) as graders:
-        for i in range(num_problems):
-            conversation = task[i]
-            prompt = tokenizer.render_for_completion(conversation)
-            results, _ = engine.generate_batch(
-                prompt,
-                num_samples=num_samples,
-                max_tokens=max_new_tokens,
-                temperature=temperature,
-                top_k=top_k,
-            )
-            completions = [tokenizer.decode(tokens[len(prompt) :]) for tokens in results]
+        for conversation, completions in answers:
             pending.append(graders.submit(grade, conversation, completions))
             collect(wait=False)
         collect(wait=True)
@@ -259,16 +289,17 @@ def run_chat_eval(
     max_new_tokens: int = 512,
     temperature: float = 0.0,
     top_k: int | None = 50,
-    engine=None,
+    engine: Engine | EnginePool | None = None,
     mesh: jax.sharding.Mesh | None = None,
     task: TaskLike | None = None,
     progress: bool = True,
 ) -> float:
     """Accuracy of `model` on one of BASELINE_ACCURACY's tasks (its test split), or on `task`
     (an already loaded task object, reported under `task_name`). Categorical tasks use
-    batch_size (and mesh); generative ones the sampling arguments and `engine` (default: a new
-    Engine of the model; pass one to reuse its compilations across calls). top_k 0 or None:
-    no top-k."""
+    batch_size (rows per forward over the whole mesh) and mesh; generative ones the sampling
+    arguments and `engine` (an Engine, or an EnginePool to spread the problems over devices;
+    default: a pool over the mesh's devices, or one Engine without a mesh; pass one to reuse
+    its compilations across calls). top_k 0 or None: no top-k."""
     if task is None:
         task = load_task(task_name)
     if task.eval_type == "categorical":
@@ -284,9 +315,11 @@ def run_chat_eval(
         )
     if task.eval_type == "generative":
         if engine is None:
-            from nanochat_jax.engine import Engine
-
-            engine = Engine(model, tokenizer)
+            engine = (
+                Engine(model, tokenizer)
+                if mesh is None
+                else EnginePool(model, tokenizer, devices=mesh.local_devices)
+            )
         return run_generative_eval(
             task,
             tokenizer,

@@ -41,11 +41,14 @@ whitelist with size bounds instead of `eval` with a 3 s alarm, and it also accep
 from __future__ import annotations
 
 import ast
+import copy
 import math
 import operator
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -54,8 +57,10 @@ from flax import nnx, struct
 
 from nanochat_jax.model import KVCache
 
-_MIN_BUCKET = 16
+MIN_BUCKET_LEN = 16  # the shortest padded length: tiny prompts share one compiled shape
 _MAX_FORCED = 64  # forced-token buffer per row; calculator results are at most ~35 characters
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
 
 
 class TokenizerLike(Protocol):
@@ -226,6 +231,11 @@ class _Specials:
 
 
 @dataclass
+class _TraceCount:
+    value: int = 0
+
+
+@dataclass
 class _RowTool:
     """nanochat's per-row tool state machine, run on the host over the streamed tokens."""
 
@@ -233,8 +243,11 @@ class _RowTool:
     expr_tokens: list[int] = field(default_factory=list)
 
 
-def _bucket(length: int, cap: int) -> int:
-    return min(max(_MIN_BUCKET, 1 << (length - 1).bit_length()), cap)
+def length_bucket(length: int, cap: int) -> int:
+    """The padded length of a sequence of `length` tokens: the next power of two, at least
+    MIN_BUCKET_LEN, at most `cap` (the model's limit). Shared by every jitted consumer of
+    variable-length prompts (Engine, chat_eval, core_eval) so that a few shapes are compiled."""
+    return min(max(MIN_BUCKET_LEN, 1 << (length - 1).bit_length()), cap)
 
 
 def _compute_dtype(model: nnx.Module) -> jnp.dtype:
@@ -288,7 +301,7 @@ class Engine:
         # device arrays even for a model built from host (numpy) weights: set_params needs them
         params = jax.tree.map(jnp.asarray, params)
         self._graphdef, self._params = graphdef, params
-        self._traces = 0
+        self._traces = _TraceCount()  # shared with replicas, which share the jitted code
         self._prefill = jax.jit(
             self._prefill_impl, static_argnames=("num_samples", "cache_len", "chunk", "top_k")
         )
@@ -337,8 +350,19 @@ class Engine:
 
     @property
     def num_compilations(self) -> int:
-        """How many times prefill/decode were traced, i.e. compiled for a new shape."""
-        return self._traces
+        """How many times prefill/decode were traced, i.e. compiled for a new shape. An engine
+        and its replicas share this count: they trace each shape once between them (XLA then
+        compiles the traced code once for each device it runs on)."""
+        return self._traces.value
+
+    def replica(self, device: jax.Device) -> Engine:
+        """This engine with a copy of its parameters on `device`, for data-parallel generation
+        (`EnginePool`): its prefill/decode run on that device. It shares this engine's jitted
+        functions, so a shape is traced once for all replicas and only compiled per device;
+        its parameters are its own (`set_params` on it changes only it)."""
+        clone = copy.copy(self)
+        clone._params = jax.device_put(self._params, device)
+        return clone
 
     # ---- jitted pieces ---------------------------------------------------------------------
 
@@ -360,7 +384,7 @@ class Engine:
     def _prefill_impl(
         self, params, prompt_1P, length, key, temperature, *, num_samples, cache_len, chunk, top_k
     ):
-        self._traces += 1
+        self._traces.value += 1
         model = nnx.merge(self._graphdef, params)
         cache = KVCache.init(self.config, 1, cache_len, self.compute_dtype)
 
@@ -388,7 +412,7 @@ class Engine:
         return cache, self._first_rows(token_B, cache_len)
 
     def _decode_impl(self, params, cache, rows, key, temperature, max_tokens, steps, *, top_k):
-        self._traces += 1
+        self._traces.value += 1
         model = nnx.merge(self._graphdef, params)
         sp = self.specials
         row_ids_B = jnp.arange(rows.last_B.shape[0])
@@ -472,8 +496,8 @@ class Engine:
         """Yields (tokens_BT, masks_BT) numpy blocks of new columns as they come off the device."""
         max_tokens = self._check(tokens, num_samples, max_tokens, temperature, top_k)
         n, limit = len(tokens), self.config.rotary_seq_len
-        cache_len = _bucket(n + max_tokens, limit)
-        prompt_len = _bucket(n, limit)
+        cache_len = length_bucket(n + max_tokens, limit)
+        prompt_len = length_bucket(n, limit)
         chunk = min(self.prefill_chunk, prompt_len)
         if prompt_len % chunk:  # a capped, non-power-of-two bucket: prefill it in one piece
             chunk = prompt_len
@@ -617,3 +641,103 @@ class Engine:
                         results[row].append(token)
                         masks[row].append(mask)
         return results, masks
+
+
+# ---- data-parallel pool ------------------------------------------------------------------
+
+
+class EnginePool:
+    """One Engine replica per device, and work items spread over them (nanochat strides eval
+    problems and RL rollouts over its GPU ranks; here one process drives every device).
+
+    `pool.map(fn, items)` calls `fn(engine, item)` for every item, each on some replica, in one
+    host thread per replica: a replica's thread takes the next unclaimed item as soon as its
+    previous one is done (problems differ in length), and the results come back in input order.
+    The threads overlap because JAX releases the GIL while a device computes and a whole answer
+    is one jitted decode loop (plus one call per tool use). An item's result does not depend on
+    the replica that ran it: same compiled code, same seed.
+
+    The replicas share their jitted code (`Engine.replica`): a new shape is traced once and
+    compiled once per device. `model` may live on one device or be sharded over a mesh; every
+    replica gets a full copy of the weights (in `compute_dtype`, see Engine), so the model must
+    fit on one device, as in nanochat. engine_kwargs: Engine's keyword arguments.
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        tokenizer: TokenizerLike,
+        *,
+        devices: list[jax.Device] | None = None,
+        **engine_kwargs: Any,
+    ):
+        devices = list(jax.local_devices() if devices is None else devices)
+        if not devices or len(set(devices)) != len(devices):
+            raise ValueError(f"devices must be distinct and at least one, got {devices}")
+        first = Engine(model, tokenizer, **engine_kwargs)
+        others = [first.replica(device) for device in devices[1:]]
+        # The template itself becomes replica 0 (its jitted functions hold on to it, so a
+        # separate template would keep a second copy of the weights alive).
+        first._params = jax.device_put(first._params, devices[0])
+        self.engines: list[Engine] = [first, *others]
+        self.devices = devices
+        self.config = first.config
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.engines)
+
+    @property
+    def num_compilations(self) -> int:
+        """Shapes traced so far, shared by all replicas (see Engine.num_compilations)."""
+        return self.engines[0].num_compilations
+
+    def set_params(self, model_or_params: nnx.Module | Any) -> None:
+        """Engine.set_params on every replica: new weights of the same shapes, no recompilation
+        (RL: the policy after each update). Each replica copies them onto its device."""
+        for engine in self.engines:
+            engine.set_params(model_or_params)
+
+    def imap(
+        self, fn: Callable[[Engine, _Item], _Result], items: Iterable[_Item]
+    ) -> Iterator[_Result]:
+        """Yields fn(engine, item) for every item, in input order, as soon as it and every item
+        before it are done; the replicas work ahead meanwhile. The first exception raised by fn
+        is re-raised here (at its item's turn); unstarted items are then abandoned. Closing the
+        iterator early waits for the items in progress (up to one per replica)."""
+        items = list(items)
+        results: list[Future] = [Future() for _ in items]
+        claim = threading.Lock()
+        next_item = 0
+        stop = threading.Event()
+
+        def work(engine: Engine) -> None:
+            nonlocal next_item
+            while not stop.is_set():
+                with claim:
+                    index, next_item = next_item, next_item + 1
+                if index >= len(items):
+                    return
+                try:
+                    results[index].set_result(fn(engine, items[index]))
+                except BaseException as e:  # noqa: BLE001 - handed to the consumer's thread
+                    results[index].set_exception(e)
+                    stop.set()
+
+        workers = [
+            threading.Thread(target=work, args=(engine,), name=f"engine-{device}", daemon=True)
+            for engine, device in zip(self.engines, self.devices, strict=True)
+        ]
+        for worker in workers[: len(items)]:
+            worker.start()
+        try:
+            for result in results:
+                yield result.result()
+        finally:
+            stop.set()
+            for worker in workers[: len(items)]:
+                worker.join()
+
+    def map(self, fn: Callable[[Engine, _Item], _Result], items: Iterable[_Item]) -> list[_Result]:
+        """[fn(engine, item) for item in items], spread over the replicas (see imap)."""
+        return list(self.imap(fn, items))

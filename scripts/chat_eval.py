@@ -8,14 +8,22 @@ ARC-Easy, ARC-Challenge and MMLU are multiple choice (the letter with the larges
 sampling); GSM8K and HumanEval generate answers (greedy by default) that are graded. ChatCORE,
 the mean accuracy above chance, is reported when all five ran. Results go to the console and to
 the report section "Chat evaluation <source>".
+
+Devices (`--mesh`, default: every local device, data parallel; `--mesh 1`: one device): the
+multiple-choice batches are split over the mesh (`-b` rows per device, as nanochat's per rank),
+and the generated answers are spread over one Engine replica per device (as nanochat strides
+problems over its ranks). The accuracies do not depend on the number of devices.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from nanochat_jax import report
+import jax
+
+from nanochat_jax import report, sharding, stage
 from nanochat_jax.chat_eval import BASELINE_ACCURACY, chatcore_metric, load_task, run_chat_eval
 from nanochat_jax.common import get_logger
 from nanochat_jax.hf_data import is_demo
@@ -46,11 +54,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-n", "--num-samples", type=int, default=1, help="pass@n")
     parser.add_argument("-k", "--top-k", type=int, default=50, help="0 = no top-k")
     parser.add_argument(
-        "-b", "--batch-size", type=int, default=8, help="batch size of the categorical tasks"
+        "-b",
+        "--batch-size",
+        type=int,
+        default=8,
+        help="batch size of the categorical tasks, per device",
     )
     parser.add_argument("-g", "--model-tag", default=None, help="model tag, e.g. d20")
     parser.add_argument("-s", "--step", type=int, default=None, help="step (default: latest)")
     parser.add_argument("-x", "--max-problems", type=int, default=None, help="per task")
+    parser.add_argument(
+        "--mesh",
+        default=None,
+        help="devices: N, or axes like data=4,fsdp=2 (default: every local device, data "
+        "parallel; 1 = one device)",
+    )
     args = parser.parse_args(argv)
     for name, low in (("max_new_tokens", 1), ("num_samples", 1), ("top_k", 0), ("batch_size", 1)):
         if getattr(args, name) < low:
@@ -77,12 +95,25 @@ def task_names(spec: str | None) -> list[str]:
     return names
 
 
+def setup_mesh(spec: str | None) -> jax.sharding.Mesh:
+    """stage.setup_devices, where no spec means every local device, data parallel."""
+    if spec is None:
+        if os.environ.get("JAX_PLATFORMS", "") != "cpu":
+            from nanochat_jax.train import configure_gpu_performance
+
+            configure_gpu_performance()  # before the device count below starts the backend
+        spec = str(jax.local_device_count())
+    return stage.setup_devices(spec)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from nanochat_jax.engine import EnginePool
     from nanochat_jax.tasks import TaskDataError
     from scripts.chat_cli import load_chat_model
 
     args = parse_args(argv)
     names = task_names(args.task_name)
+    mesh = setup_mesh(args.mesh)
     try:  # every dataset first: a missing one should not cost a model load
         tasks = {name: load_task(name) for name in names}
     except TaskDataError as e:
@@ -91,16 +122,17 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = None
     if any(task.eval_type == "generative" for task in tasks.values()):
-        from nanochat_jax.engine import Engine
-
-        engine = Engine(model, tokenizer)  # shared, so GSM8K and HumanEval reuse compilations
+        # one replica per device, shared so that GSM8K and HumanEval reuse the compilations
+        engine = EnginePool(model, tokenizer, devices=mesh.local_devices)
+        log.info("generating on %d device(s)", len(engine))
     results: dict[str, float] = {}
     for name, task in tasks.items():
         accuracy = run_chat_eval(
             name,
             model,
             tokenizer,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size * sharding.data_parallel_size(mesh),
+            mesh=mesh,
             max_problems=args.max_problems,
             num_samples=args.num_samples,
             max_new_tokens=args.max_new_tokens,

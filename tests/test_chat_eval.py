@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nanochat_jax import chat_eval
+from nanochat_jax import chat_eval, sharding
 from nanochat_jax.chat_eval import chatcore_metric, run_categorical_eval, run_chat_eval
 from nanochat_jax.config import GPTConfig
-from nanochat_jax.engine import Engine
+from nanochat_jax.engine import Engine, EnginePool
 from nanochat_jax.execution import execute_code
 from nanochat_jax.model import GPT
 from nanochat_jax.tokenizer import Tokenizer
@@ -198,14 +198,29 @@ def test_categorical_compiles_once_per_length_bucket(tokenizer, mc, caplog):
     assert count_compiles(caplog, run) == 0
 
 
-def test_categorical_on_a_mesh_agrees(tokenizer, model, mc):
-    from nanochat_jax import sharding
+def on_devices(model: GPT, placement) -> GPT:
+    """The model with its parameters device_put onto a device or a pytree of shardings."""
+    graphdef, state = nnx.split(model)
+    pure = nnx.to_pure_dict(state)
+    if not isinstance(placement, jax.Device):
+        placement = placement(pure)
+    nnx.replace_by_pure_dict(state, jax.device_put(pure, placement))
+    return nnx.merge(graphdef, state)
 
+
+def test_categorical_on_a_mesh_agrees(tokenizer, model, mc):
     conversations, predicted, expected = mc
-    task = ToyTask("categorical", conversations)
     mesh = sharding.make_mesh("4")
-    assert run_categorical_eval(task, model, tokenizer, batch_size=8, mesh=mesh) == expected
-    assert task.responses == predicted
+    fsdp = sharding.make_mesh("data=2,fsdp=2")
+    # the model as chat_eval loads it (one device), on another device, sharded like chat_sft's
+    for placed, on in (
+        (model, mesh),
+        (on_devices(model, jax.devices()[5]), mesh),
+        (on_devices(model, lambda tree: sharding.tree_shardings(tree, fsdp)), fsdp),
+    ):
+        task = ToyTask("categorical", conversations)
+        assert run_categorical_eval(task, placed, tokenizer, batch_size=8, mesh=on) == expected
+        assert task.responses == predicted
     with pytest.raises(ValueError, match="multiple of the mesh's data-parallel size"):
         run_categorical_eval(task, model, tokenizer, batch_size=6, mesh=mesh)
 
@@ -299,6 +314,45 @@ def test_generative_with_the_real_engine_decodes_after_the_prompt(tokenizer, mod
     assert task.responses == expected and acc == 0.5
 
 
+def test_generative_on_a_pool_equals_one_engine(tokenizer, model):
+    words = ["red", "blue", "water", "fox", "dog", "Mars", "lazy"]
+    questions = [f"Is the {w} {v}?" for w in words[:4] for v in words[4:7]]  # 12 problems
+    single = Engine(model, tokenizer)
+    pool = EnginePool(model, tokenizer, devices=jax.devices()[:2])
+    for kwargs in (
+        {"num_samples": 1, "temperature": 0.0},  # greedy pass@1
+        {"num_samples": 2, "temperature": 1.0, "top_k": 20},  # sampled pass@2
+    ):
+        # gold: the single engine's first answer on even problems, something else on odd ones
+        gold = []
+        for i, q in enumerate(questions):
+            prompt = tokenizer.render_for_completion(qa(q, ""))
+            results, _ = single.generate_batch(prompt, max_tokens=8, **kwargs)
+            gold.append(tokenizer.decode(results[0][len(prompt) :]) if i % 2 == 0 else "(none)")
+        accuracies, responses = [], []
+        # one Engine; a pool; the pool run_chat_eval makes itself over a mesh's devices
+        for engine, mesh in ((single, None), (pool, None), (None, sharding.make_mesh("2"))):
+            task = ToyTask("generative", [qa(q, g) for q, g in zip(questions, gold, strict=True)])
+            accuracies.append(
+                run_chat_eval(
+                    "toy",
+                    model,
+                    tokenizer,
+                    task=task,
+                    engine=engine,
+                    mesh=mesh,
+                    max_new_tokens=8,
+                    progress=False,
+                    **kwargs,
+                )  # fmt: skip
+            )
+            responses.append(sorted(task.responses))
+        assert accuracies == [6 / 12] * 3
+        # pass@k stops grading a problem at its first passing sample (the 6 even ones: sample 0)
+        assert len(responses[0]) == 6 + 6 * kwargs["num_samples"]
+        assert responses[0] == responses[1] == responses[2]
+
+
 def test_generative_grading_runs_programs_in_parallel(tokenizer):
     # HumanEval-like: each completion is a program that sleeps 0.4 s; graded while generating.
     good = "import time\ntime.sleep(0.4)\nassert 1 + 1 == 2"
@@ -335,6 +389,19 @@ def test_progress_line(tokenizer, model, mc, capsys):
 
 
 # ---- ChatCORE ------------------------------------------------------------------------------
+
+
+def test_baselines_follow_the_task_names():
+    from nanochat_jax.tasks import TASK_NAMES
+
+    assert tuple(chat_eval.BASELINE_ACCURACY) == TASK_NAMES
+    assert chat_eval.BASELINE_ACCURACY == {
+        "ARC-Easy": 0.25,
+        "ARC-Challenge": 0.25,
+        "MMLU": 0.25,
+        "GSM8K": 0.0,
+        "HumanEval": 0.0,
+    }
 
 
 def test_chatcore_metric():
@@ -381,7 +448,17 @@ def report_items(base) -> tuple[str, dict[str, str]]:
 
 
 def test_script_all_tasks_and_report(demo_base, monkeypatch, capsys):
+    from nanochat_jax import engine as engine_module
+
     monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(demo_base))
+    pools: list[int] = []
+
+    class RecordedPool(EnginePool):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            pools.append(len(self))
+
+    monkeypatch.setattr(engine_module, "EnginePool", RecordedPool)
     argv = ["-i", "sft", "-x", "6", "-m", "8", "-b", "4", "-d", "float32"]
     assert chat_eval_script.main(argv) == 0
     out = capsys.readouterr().out
@@ -396,6 +473,13 @@ def test_script_all_tasks_and_report(demo_base, monkeypatch, capsys):
         assert acc * 6 == pytest.approx(round(acc * 6), abs=1e-3)  # k of 6 problems passed
     expected = chatcore_metric(accuracies)
     assert float(items["ChatCORE metric"]) == pytest.approx(expected, abs=1e-4)
+    assert pools == [8]  # the default: every local device
+    # One device: the same accuracies.
+    assert chat_eval_script.main([*argv, "--mesh", "1"]) == 0
+    assert pools == [8, 1]
+    _, one_device = report_items(demo_base)
+    assert one_device["mesh"] == "1" and items["mesh"] == "None"
+    assert {name: float(one_device[name]) for name in accuracies} == accuracies
     # A subset of the tasks: no ChatCORE.
     assert chat_eval_script.main(["-i", "sft", "-a", "ARC-Easy|MMLU", "-x", "4"]) == 0
     text, items = report_items(demo_base)
@@ -411,6 +495,8 @@ def test_script_errors(demo_base, tmp_path, monkeypatch, capsys):
         chat_eval_script.main(["-i", "mid", "-a", "ARC-Easy"])
     with pytest.raises(SystemExit, match="no sft model tagged 'd9'; available: d1"):
         chat_eval_script.main(["-i", "sft", "-g", "d9", "-a", "ARC-Easy"])
+    with pytest.raises(SystemExit, match="error: --mesh '16' needs 16 devices but only 8"):
+        chat_eval_script.main(["-i", "sft", "-a", "ARC-Easy", "--mesh", "16"])
     for argv in (
         ["-a", "MMLU"],
         ["-i", "base"],

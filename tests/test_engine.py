@@ -20,7 +20,7 @@ from flax import nnx
 
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.convert import from_nanochat_state_dict
-from nanochat_jax.engine import Engine, sample_next_token, use_calculator
+from nanochat_jax.engine import Engine, length_bucket, sample_next_token, use_calculator
 from nanochat_jax.model import KVCache
 from nanochat_jax.tokenizer import SPECIAL_TOKENS as SPECIAL_NAMES
 
@@ -192,6 +192,12 @@ def test_prompts_in_one_bucket_reuse_the_compiled_code(tiny_model):
     assert engine.num_compilations == 3, "a new prompt bucket compiles only the prefill"
     engine.generate_batch(prompts[0], max_tokens=30, temperature=0.0)  # cache bucket 64
     assert engine.num_compilations == 5
+
+
+def test_length_bucket():
+    lengths = (1, 15, 16, 17, 33, 64, 65, 400, 640, 700)
+    assert [length_bucket(n, 640) for n in lengths] == [16, 16, 16, 32, 64, 64, 128, 512, 640, 640]
+    assert length_bucket(5, 8) == 8  # the cap wins over the minimum (a tiny model's limit)
 
 
 def test_sampling_is_reproducible_and_rows_differ(engine):
