@@ -14,7 +14,6 @@ per parameter). Logs go to the console, to TensorBoard event files and metrics.j
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 
 import jax
@@ -220,8 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     def log_step(step, metrics):
         """Host-side logging of a finished step (called one step late: never blocks the device)."""
         loss = float(metrics["loss"])
-        if not math.isfinite(loss):
-            sys.exit(f"error: loss is {loss} at step {step}; stopping (lower the lrs?)")
+        stage.check_loss(loss, step)
         s = clock.tick(step, loss)
         lrm = float(lrm_by_step[step])
         if step % cfg.log_every == 0 or step == steps_total - 1:
