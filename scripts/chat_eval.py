@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = task_names(args.task_name)
     mesh = setup_mesh(args.mesh)
+    args.mesh = args.mesh or str(mesh.size)  # the report says what ran
     try:  # every dataset first: a missing one should not cost a model load
         tasks = {name: load_task(name) for name in names}
     except TaskDataError as e:

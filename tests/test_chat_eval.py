@@ -478,7 +478,7 @@ def test_script_all_tasks_and_report(demo_base, monkeypatch, capsys):
     assert chat_eval_script.main([*argv, "--mesh", "1"]) == 0
     assert pools == [8, 1]
     _, one_device = report_items(demo_base)
-    assert one_device["mesh"] == "1" and items["mesh"] == "None"
+    assert one_device["mesh"] == "1" and items["mesh"] == "8"
     assert {name: float(one_device[name]) for name in accuracies} == accuracies
     # A subset of the tasks: no ChatCORE.
     assert chat_eval_script.main(["-i", "sft", "-a", "ARC-Easy|MMLU", "-x", "4"]) == 0

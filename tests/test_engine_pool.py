@@ -4,7 +4,7 @@ shape once and compiles it once per device, swaps weights without recompiling, a
 keeps input order, overlaps items and hands errors back.
 
 The 8 devices are conftest's fake CPU devices; they share the machine's cores, so these tests
-check correctness and compile counts, not speed (bench numbers are in the session report).
+check correctness and compile counts, not speed (measured: nanochat_jax/engine.py docstring).
 """
 
 from __future__ import annotations
