@@ -33,10 +33,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nanochat_jax import sharding
+from nanochat_jax.engine import MIN_BUCKET_LEN, length_bucket  # noqa: F401 (bench reads it here)
 from nanochat_jax.eval_bundle import TASK_TYPES, load_task_data, read_tasks
 from nanochat_jax.model import GPT, cross_entropy
 
-MIN_BUCKET_LEN = 16
 _ENCODE_CHUNK = 256  # examples tokenized per call (the Rust tokenizer encodes a list in parallel)
 
 
@@ -194,8 +194,7 @@ class _RowScorer:
         self.num_rows = 0
 
     def bucket(self, length: int) -> int:
-        bucket = max(MIN_BUCKET_LEN, 1 << (length - 1).bit_length())
-        return min(bucket, self.max_len)
+        return length_bucket(length, self.max_len)
 
     def rows_per_batch(self, bucket: int) -> int:
         per_device = max(1, min(self.batch_rows, self.batch_tokens // bucket))
