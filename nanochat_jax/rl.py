@@ -20,9 +20,9 @@ and the RL step is the ordinary compiled step with one extra (A, B, T) float arr
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +30,11 @@ import numpy as np
 from flax import nnx
 
 from nanochat_jax.chat_data import rank_cursor
-from nanochat_jax.engine import Engine
+from nanochat_jax.engine import Engine, EnginePool
 
 _SEQ_ALIGN = 64  # the train step's sequence length is a multiple of this
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
 
 
 class RewardTask(Protocol):
@@ -214,8 +216,19 @@ def pass_at_k(outcomes: Sequence[Sequence[bool]]) -> np.ndarray:
     return solved_PK.mean(axis=0)
 
 
+def engine_map(
+    engine: Engine | EnginePool, fn: Callable[[Engine, _Item], _Result], items: Iterable[_Item]
+) -> list[_Result]:
+    """[fn(engine, item) for item in items]: on one Engine one after another, or spread over an
+    EnginePool's replicas (one per device, as nanochat's ranks). Same results, in input order,
+    either way: every item seeds its own sampling."""
+    if isinstance(engine, EnginePool):
+        return engine.map(fn, items)
+    return [fn(engine, item) for item in items]
+
+
 def evaluate_pass_at_k(
-    engine: Engine,
+    engine: Engine | EnginePool,
     tokenizer: Any,
     task: RewardTask,
     *,
@@ -226,19 +239,19 @@ def evaluate_pass_at_k(
     top_k: int | None,
 ) -> np.ndarray:
     """pass@1..num_samples on the first `max_examples` problems (nanochat's run_gsm8k_eval:
-    generate_batch's default seed, so each problem gets the same random numbers every eval)."""
-    outcomes = []
-    for idx in range(min(max_examples, len(task))):
+    generate_batch's default seed, so each problem gets the same random numbers every eval).
+    An EnginePool spreads the problems over its devices (nanochat strides them over ranks)."""
+
+    def outcomes(replica: Engine, idx: int) -> list[bool]:
         conversation = task[idx]
         tokens = tokenizer.render_for_completion(conversation)
-        seqs, _ = engine.generate_batch(
+        seqs, _ = replica.generate_batch(
             tokens,
             num_samples=num_samples,
             max_tokens=max_new_tokens,
             temperature=temperature,
             top_k=top_k,
         )
-        outcomes.append(
-            [task.evaluate(conversation, tokenizer.decode(s[len(tokens) :])) for s in seqs]
-        )
-    return pass_at_k(outcomes)
+        return [task.evaluate(conversation, tokenizer.decode(s[len(tokens) :])) for s in seqs]
+
+    return pass_at_k(engine_map(engine, outcomes, range(min(max_examples, len(task)))))

@@ -171,6 +171,31 @@ def test_same_flags_same_rewards_and_two_devices_see_the_same_questions(env, tmp
     assert two[0][:2] == first[0][:2] and two[0][2] == pytest.approx(first[0][2], rel=1e-5)
 
 
+def test_rollouts_on_an_engine_pool_equal_one_engines(env, tmp_path, monkeypatch, capsys):
+    """--mesh=8: an EnginePool generates the 8 ranks' questions in parallel, and every step's
+    rewards, lengths and loss equal those of one engine generating them in turn
+    (--rollout_devices=1): same seeds, same train step on the same mesh. 3 replicas for 8 ranks
+    (questions claimed as replicas free up, results reassembled by rank): the default, one per
+    device, costs a compile per device and is checked below (on 2) without generating."""
+    flags = ("--mesh=8", "--examples_per_step=8", "--num_samples=2")
+    pool = _run(env, tmp_path / "pool", monkeypatch, *flags, "--rollout_devices=3")
+    assert "(rollouts on 3 devices)" in capsys.readouterr().out
+    single = _run(env, tmp_path / "one", monkeypatch, *flags, "--rollout_devices=1")
+    assert "(rollouts on 1 device)" in capsys.readouterr().out
+    assert len(pool) == 2 and pool == single and pool[0][2] != 0
+
+    built = []
+
+    def spy(model, tokenizer, *, devices, compute_dtype):
+        built.append(devices)
+        raise _Evaluated
+
+    monkeypatch.setattr(chat_rl, "EnginePool", spy)
+    with pytest.raises(_Evaluated):
+        chat_rl.main([*FLAGS, "--mesh=2"])
+    assert [set(d) for d in built] == [set(jax.local_devices()[:2])]  # one replica per device
+
+
 def test_real_gsm8k_on_demo_task_data(base_dir, tmp_path, monkeypatch, capsys):
     """The default tasks: GSM8K main train/test from the offline demo data (tool-call answers)."""
     from nanochat_jax import demo_tasks
@@ -234,6 +259,8 @@ def _copy_tree(src, dst):
         (["--init_lr_frac=-0.5"], "--init_lr_frac must be a finite number >= 0"),
         (["--num_iterations=0"], "--num_iterations -1 or >= 1"),
         (["--model_step=-2"], "--model_step must be >= -1"),
+        (["--rollout_devices=0"], "--rollout_devices must be -1 (all) or 1..1"),
+        (["--rollout_devices=3", "--mesh=2"], "1..2 (the mesh's local devices), got 3"),
     ],
 )
 def test_clear_errors(env, flags, message):

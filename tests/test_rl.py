@@ -23,7 +23,7 @@ from flax import nnx
 
 from nanochat_jax import rl, sharding, train
 from nanochat_jax.config import GPTConfig
-from nanochat_jax.engine import Engine
+from nanochat_jax.engine import Engine, EnginePool
 from nanochat_jax.model import GPT
 from tests.test_engine import StubTokenizer
 
@@ -313,6 +313,38 @@ def test_pass_at_k():
         seqs, _ = engine.generate_batch([11, 12, i + 20], 4, max_tokens=3, temperature=1, top_k=50)
         outcomes.append([s[3] == i % 10 for s in seqs])
     np.testing.assert_allclose(got, rl.pass_at_k(outcomes))
+
+
+class _OddTask(_DigitTask):
+    """A completion is right iff its first decoded character is an odd digit: a random model
+    solves about half, so pass@k is neither 0 nor 1."""
+
+    def evaluate(self, conversation, response):
+        return response[:1] in tuple("13579")
+
+
+class _GPTDigitTokenizer(_DigitTokenizer, StubTokenizer):
+    pass
+
+
+def test_pass_at_k_on_an_engine_pool_equals_one_engine():
+    """The pool spreads problems over 3 devices (more problems than replicas, claimed as they
+    free up) and gives one engine's pass@k exactly: each problem seeds its own sampling."""
+    model = GPT(CONFIG, rngs=nnx.Rngs(0))
+    graph_state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(graph_state, _random_params(3))
+    nnx.update(model, graph_state)
+    tok, task = _GPTDigitTokenizer(CONFIG.vocab_size - 9), _OddTask(n=9)
+    kw = dict(max_examples=7, num_samples=4, max_new_tokens=5, temperature=1.0, top_k=50)
+    single = rl.evaluate_pass_at_k(Engine(model, tok), tok, task, **kw)
+    pool = EnginePool(model, tok, devices=jax.local_devices()[:3])
+    assert len(pool) == 3
+    got = rl.evaluate_pass_at_k(pool, tok, task, **kw)
+    np.testing.assert_array_equal(got, single)
+    assert 0 < single[0] < 1  # a real mix of right and wrong answers
+    squares = [i * i for i in range(10)]  # input order, with a pool or with one engine
+    assert rl.engine_map(pool, lambda e, i: i * i, range(10)) == squares
+    assert rl.engine_map(Engine(model, tok), lambda e, i: i * i, range(10)) == squares
 
 
 # ---- Engine.set_params ---------------------------------------------------------------------
