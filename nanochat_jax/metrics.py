@@ -65,6 +65,18 @@ class StepStats:
     mfu: float  # percent
     total_time_s: float  # training time so far, without the first 10 steps of this process
 
+    def console_line(
+        self, step: int, steps_total: int, progress: float, lrm: float, eta_s: float | None = None
+    ) -> str:
+        """nanochat's per-step line: `step 00042/00500 (8.40%) | loss: ... | mfu: ... | ...`."""
+        eta = "" if eta_s is None else f" | eta: {eta_s / 60:.1f}m"
+        return (
+            f"step {step:05d}/{steps_total:05d} ({100 * progress:.2f}%) | "
+            f"loss: {self.loss_smooth:.6f} | lrm: {lrm:.2f} | dt: {self.dt * 1000:.2f}ms | "
+            f"tok/sec: {self.tokens_per_s:,.0f} | mfu: {self.mfu:.2f} | "
+            f"total time: {self.total_time_s / 60:.2f}m{eta}"
+        )
+
     def scalars(self) -> dict[str, float]:
         """The TensorBoard/JSONL scalars of a training step."""
         return {

@@ -223,14 +223,9 @@ def main(argv: list[str] | None = None) -> None:
         s = clock.tick(step, loss)
         lrm = float(lrm_by_step[step])
         if step % cfg.log_every == 0 or step == steps_total - 1:
-            print(
-                f"step {step:05d}/{steps_total:05d} ({100 * (step + 1) / steps_total:.2f}%) | "
-                f"loss: {s.loss_smooth:.6f} | lrm: {lrm:.2f} | dt: {s.dt * 1000:.2f}ms | "
-                f"tok/sec: {s.tokens_per_s:,.0f} | mfu: {s.mfu:.2f} | "
-                f"total time: {s.total_time_s / 60:.2f}m | "
-                f"eta: {clock.eta_s(step, steps_total) / 60:.1f}m",
-                flush=True,
-            )
+            progress = (step + 1) / steps_total
+            eta_s = clock.eta_s(step, steps_total)
+            print(s.console_line(step, steps_total, progress, lrm, eta_s), flush=True)
         writer.scalars(
             step,
             {

@@ -272,13 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         s = clock.tick(step, loss)
         lrm = float(lrm_by_step[step])
         if step % cfg.log_every == 0 or step == steps_total - 1:
-            print(
-                f"step {step:05d}/{steps_total:05d} ({100 * data.progress[step]:.2f}%) | "
-                f"loss: {s.loss_smooth:.6f} | lrm: {lrm:.2f} | dt: {s.dt * 1000:.2f}ms | "
-                f"tok/sec: {s.tokens_per_s:,.0f} | mfu: {s.mfu:.2f} | "
-                f"total time: {s.total_time_s / 60:.2f}m",
-                flush=True,
-            )
+            print(s.console_line(step, steps_total, data.progress[step], lrm), flush=True)
         writer.scalars(
             step,
             {

@@ -93,3 +93,15 @@ def test_step_clock_matches_nanochat_formulas(monkeypatch):
     assert clock.eta_s(12, 100) == 0.0
     clock.restart()  # an evaluation ran: its 398 s are not a step's time
     assert clock.tick(26, 1.0).dt == 2.0
+
+
+def test_console_line_is_nanochats_format():
+    from nanochat_jax.metrics import StepStats
+
+    s = StepStats(2.5, 2.25, 0.125, 65536.0, 41.234, 90.0)
+    assert s.console_line(41, 500, 42 / 500, 1.0, eta_s=600.0) == (
+        "step 00041/00500 (8.40%) | loss: 2.250000 | lrm: 1.00 | dt: 125.00ms | "
+        "tok/sec: 65,536 | mfu: 41.23 | total time: 1.50m | eta: 10.0m"
+    )
+    assert s.console_line(41, 500, 0.5, 0.25).endswith("| lrm: 0.25 | dt: 125.00ms | "
+        "tok/sec: 65,536 | mfu: 41.23 | total time: 1.50m")  # fmt: skip
