@@ -75,3 +75,26 @@ def stream_reply(
         yield from stream_text(until_stop(), tokenizer.decode_bytes)
     finally:
         columns.close()  # a client that goes away stops the decoding
+
+
+def sample_answers(
+    engine: Engine,
+    tokenizer,
+    conversation: dict,
+    *,
+    num_samples: int,
+    max_tokens: int,
+    temperature: float,
+    top_k: int | None,
+) -> list[str]:
+    """The texts of `num_samples` answers to a task conversation (prompted up to its assistant
+    turn), sampled with generate_batch's default seed as nanochat's evals do."""
+    prompt = tokenizer.render_for_completion(conversation)
+    results, _ = engine.generate_batch(
+        prompt,
+        num_samples=num_samples,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+    )
+    return [tokenizer.decode(tokens[len(prompt) :]) for tokens in results]

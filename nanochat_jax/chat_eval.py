@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from nanochat_jax import sharding
+from nanochat_jax.chat import sample_answers
 from nanochat_jax.engine import Engine, EnginePool, length_bucket
 from nanochat_jax.tasks import TASK_NAMES, get_task
 
@@ -242,15 +243,15 @@ def run_generative_eval(
 
     def answer(engine: Engine, i: int) -> tuple[dict, list[str]]:
         conversation = task[i]
-        prompt = tokenizer.render_for_completion(conversation)
-        results, _ = engine.generate_batch(
-            prompt,
+        return conversation, sample_answers(
+            engine,
+            tokenizer,
+            conversation,
             num_samples=num_samples,
             max_tokens=max_new_tokens,
             temperature=temperature,
             top_k=top_k,
         )
-        return conversation, [tokenizer.decode(tokens[len(prompt) :]) for tokens in results]
 
     def grade(conversation: dict, completions: list[str]) -> bool:
         return any(bool(task.evaluate(conversation, text)) for text in completions)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from nanochat_jax.chat import sample_answers
 from nanochat_jax.chat_data import rank_cursor
 from nanochat_jax.engine import Engine, EnginePool
 
@@ -244,14 +245,15 @@ def evaluate_pass_at_k(
 
     def outcomes(replica: Engine, idx: int) -> list[bool]:
         conversation = task[idx]
-        tokens = tokenizer.render_for_completion(conversation)
-        seqs, _ = replica.generate_batch(
-            tokens,
+        answers = sample_answers(
+            replica,
+            tokenizer,
+            conversation,
             num_samples=num_samples,
             max_tokens=max_new_tokens,
             temperature=temperature,
             top_k=top_k,
         )
-        return [task.evaluate(conversation, tokenizer.decode(s[len(tokens) :])) for s in seqs]
+        return [task.evaluate(conversation, text) for text in answers]
 
     return pass_at_k(engine_map(engine, outcomes, range(min(max_examples, len(task)))))
