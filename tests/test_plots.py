@@ -1,0 +1,142 @@
+import math
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from nanochat_jax import plots
+from nanochat_jax.plots import Panel, Series
+
+NS = {"svg": "http://www.w3.org/2000/svg"}
+
+
+def _parse(svg: str) -> ET.Element:
+    root = ET.fromstring(svg.encode("utf-8"))  # raises on malformed XML
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    return root
+
+
+def _polylines(root: ET.Element) -> list[list[tuple[float, float]]]:
+    return [
+        [tuple(map(float, pair.split(","))) for pair in line.get("points").split()]
+        for line in root.iterfind(".//svg:polyline", NS)
+    ]
+
+
+def _texts(root: ET.Element) -> list[str]:
+    return [t.text for t in root.iterfind(".//svg:text", NS)]
+
+
+def test_downsample_keeps_extremes_and_order():
+    points = [(float(i), math.sin(i / 50)) for i in range(10_001)]
+    points[7777] = (7777.0, 25.0)  # a loss spike must survive
+    points[1234] = (1234.0, -9.0)
+    out = plots.downsample(points, 2000)
+    assert len(out) == 2000
+    assert [x for x, _ in out] == sorted(x for x, _ in out)  # still in step order
+    assert set(out) <= set(points)
+    assert (7777.0, 25.0) in out and (1234.0, -9.0) in out
+    assert plots.downsample(points[:2000], 2000) == points[:2000]  # short enough: unchanged
+    assert len(plots.downsample(points, 999)) == 998  # 499 buckets of two
+    flat = [(float(i), 1.0) for i in range(100)]
+    assert plots.downsample(flat, 10)[:2] == [(0.0, 1.0), (19.0, 1.0)]  # 5 buckets of 20
+    with pytest.raises(ValueError, match="max_points must be at least 2"):
+        plots.downsample(points, 1)
+
+
+def test_nice_ticks():
+    assert plots.nice_ticks(0, 199) == [0, 50, 100, 150]
+    assert plots.nice_ticks(1.3, 3.7) == [1.5, 2.0, 2.5, 3.0, 3.5]
+    assert plots.nice_ticks(0.093, 0.176) == [0.1, 0.12, 0.14, 0.16]
+    assert plots.nice_ticks(-1, 1) == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    assert plots.nice_ticks(0, 2_000_000) == [0, 500_000, 1_000_000, 1_500_000, 2_000_000]
+    with pytest.raises(ValueError, match="finite lo < hi"):
+        plots.nice_ticks(1.0, 1.0)
+    with pytest.raises(ValueError, match="finite lo < hi"):
+        plots.nice_ticks(0.0, math.inf)
+
+
+def test_chart_structure_axes_and_legend():
+    steps = list(range(200))
+    panels = [
+        Panel(
+            "Training loss",
+            "loss (nats)",
+            (
+                Series("train loss", steps, [8 - s / 40 for s in steps]),
+                Series("train loss (EMA)", steps, [8.1 - s / 40 for s in steps]),
+            ),
+        ),
+        Panel(
+            "Validation bits per byte", "bpb", (Series("val bpb", [0, 100, 200], [3.6, 1.6, 1.4]),)
+        ),
+    ]
+    svg = plots.render_svg("Base model training (d3)", panels)
+    root = _parse(svg)
+    assert root.find("svg:title", NS).text == "Base model training (d3)"
+    lines = _polylines(root)
+    assert [len(line) for line in lines] == [200, 200, 3]
+    texts = _texts(root)
+    for expected in ("Training loss", "loss (nats)", "bpb", "train loss", "train loss (EMA)"):
+        assert expected in texts
+    assert texts.count("step") == 2  # each panel's x axis
+    for tick in ("0", "50", "100", "150", "200", "3.5", "2.0"):
+        assert tick in texts
+    # steps go left to right, a lower loss is drawn lower (larger y) than a higher one
+    first = lines[0]
+    assert first[0][0] < first[-1][0] and first[0][1] < first[-1][1]
+    assert all(72 <= x <= 720 - 24 for line in lines for x, _ in line)  # inside the plot area
+    # sparse series get a dot per point; dense ones do not
+    assert len(root.findall(".//svg:circle", NS)) == 3
+
+
+def test_huge_series_is_downsampled():
+    steps = list(range(0, 3_000_000, 3))  # a million points
+    svg = plots.render_svg(
+        "big", [Panel("loss", "loss", (Series("train", steps, [1 / (1 + s) for s in steps]),))]
+    )
+    root = _parse(svg)
+    assert [len(line) for line in _polylines(root)] == [2000]
+    assert len(svg) < 100_000
+    few = plots.render_svg(
+        "big", [Panel("loss", "loss", (Series("train", steps, steps),))], max_points=100
+    )
+    assert [len(line) for line in _polylines(_parse(few))] == [100]
+
+
+def test_non_finite_values_are_skipped_and_noted():
+    steps = list(range(10))
+    values = [1.0, math.nan, 2.0, math.inf, 3.0, -math.inf, 4.0, 5.0, 6.0, 7.0]
+    svg = plots.render_svg("nan", [Panel("loss", "loss", (Series("train", steps, values),))])
+    root = _parse(svg)
+    assert [len(line) for line in _polylines(root)] == [7]
+    assert "loss (3 non-finite values skipped)" in _texts(root)
+    assert "NaN" not in svg and "inf" not in svg.lower()
+    # a series with nothing finite: the panel says so instead of drawing
+    svg = plots.render_svg(
+        "all nan", [Panel("loss", "loss", (Series("train", [0, 1], [math.nan, math.nan]),))]
+    )
+    root = _parse(svg)
+    assert _polylines(root) == []
+    assert "no finite values to plot" in _texts(root)
+    assert "loss (2 non-finite values skipped)" in _texts(root)
+
+
+def test_single_point_and_flat_series():
+    root = _parse(plots.render_svg("one", [Panel("CORE", "CORE", (Series("CORE", [500], [0.2]),))]))
+    assert _polylines(root) == []  # a line needs two points
+    circles = root.findall(".//svg:circle", NS)
+    assert len(circles) == 1
+    assert 72 < float(circles[0].get("cx")) < 720 - 24  # in the middle, not on an edge
+    flat = plots.render_svg("flat", [Panel("x", "y", (Series("s", [0, 1, 2], [5.0, 5.0, 5.0]),))])
+    line = _polylines(_parse(flat))[0]
+    assert len({y for _, y in line}) == 1
+
+
+def test_text_is_escaped_and_bad_input_is_clear():
+    label = 'a < b & "c"'
+    root = _parse(plots.render_svg(label, [Panel(label, label, (Series(label, [0, 1], [0, 1]),))]))
+    assert _texts(root).count(label) == 4  # chart title, panel title, y label, legend
+    with pytest.raises(ValueError, match="has no panels"):
+        plots.render_svg("empty", [])
+    with pytest.raises(ValueError, match="3 steps but 2 values"):
+        plots.render_svg("bad", [Panel("x", "y", (Series("s", [0, 1, 2], [0.0, 1.0]),))])
