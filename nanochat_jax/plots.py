@@ -122,13 +122,18 @@ def _line(x1: float, y1: float, x2: float, y2: float, stroke: str, width: float 
     )
 
 
-def _panel_svg(panel: Panel, top: float, width: int, height: int, max_points: int) -> list[str]:
-    prepared, skipped = [], 0
-    for series in panel.series:
-        points, left_out = finite_points(series)
-        skipped += left_out
-        if points:
-            prepared.append((series.label, points))
+def _panel_svg(
+    panel: Panel,
+    prepared: list[tuple[str, list[tuple[float, float]]]],
+    skipped: int,
+    x_span: tuple[float, float],
+    top: float,
+    size: tuple[int, int],
+    max_points: int,
+) -> list[str]:
+    """One panel's elements: `prepared` holds each series' finite points, `skipped` counts the
+    rest; the x range is the chart's, so that the panels' steps line up."""
+    width, height = size
     title = panel.title
     if skipped:
         title += f" ({skipped} non-finite value{'s' if skipped > 1 else ''} skipped)"
@@ -146,9 +151,8 @@ def _panel_svg(panel: Panel, top: float, width: int, height: int, max_points: in
         legend.append((lx, ly))
         lx += item_width
     y0, y1 = ly + 10, top + height - _MARGIN_BOTTOM  # the plot area's top and bottom
-    xs = [x for _, points in prepared for x, _ in points]
+    xlo, xhi = x_span
     ys = [y for _, points in prepared for _, y in points]
-    xlo, xhi = _span(xs, 0.0)
     ylo, yhi = _span(ys, 0.05)
 
     def sx(x: float) -> float:
@@ -214,9 +218,16 @@ def render_svg(
         f"<rect width='{width}' height='{height}' fill='white'/>",
         _text(width / 2, 22, title, size=16, font_weight="bold"),
     ]
+    prepared, skipped = [], []
+    for panel in panels:
+        finite = [(series.label, *finite_points(series)) for series in panel.series]
+        prepared.append([(label, points) for label, points, _ in finite if points])
+        skipped.append(sum(left_out for _, _, left_out in finite))
+    xs = [x for series in prepared for _, points in series for x, _ in points]
+    x_span = _span(xs, 0.0) if xs else (0.0, 1.0)
     for i, panel in enumerate(panels):
-        parts += _panel_svg(
-            panel, _TITLE_HEIGHT + i * panel_height, width, panel_height, max_points
-        )
+        top = _TITLE_HEIGHT + i * panel_height
+        size = (width, panel_height)
+        parts += _panel_svg(panel, prepared[i], skipped[i], x_span, top, size, max_points)
     parts.append("</svg>")
     return "\n".join(parts) + "\n"

@@ -12,22 +12,32 @@ thousands separators), exactly like nanochat's report.log.
 "bloat") and the run's start time; `generate` stitches the sections together in pipeline order
 and ends with nanochat's summary: the bloat, the metric table `Metric | BASE | MID | SFT | RL`,
 the total wall-clock time and (our addition) the estimated cost at the header's hourly rate.
+
+Our addition too: a "Plots" section before the summary, one SVG chart per training stage (base,
+mid, sft, rl) of each model tag, drawn from `<base_dir>/runs/<tag>/<phase>/metrics.jsonl` (the
+`MetricsWriter` logs): `report/plots/<tag>-<phase>.svg`, linked as `plots/<tag>-<phase>.svg`.
+The copy of report.md in the current directory links to a copy of them in `report_plots/` there
+(a folder named `plots/` in someone's checkout may be theirs).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import fnmatch
 import importlib.metadata
+import json
 import os
 import platform
 import re
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat_jax.common import atomic_write_text, get_base_dir, get_logger
+from nanochat_jax.plots import Panel, Series, render_svg
 
 log = get_logger("nanochat_jax.report")  # not __name__: "__main__" under python -m
 
@@ -324,6 +334,198 @@ def reset(
 
 
 # ---------------------------------------------------------------------------------------------
+# generate: the plots
+
+
+@dataclass(frozen=True)
+class _PanelSpec:
+    title: str
+    y_label: str
+    keys: tuple[str, ...]  # metrics.jsonl keys; a `*` pattern adds every match, naturally sorted
+
+
+_LOSS = _PanelSpec("Training loss", "loss (nats)", ("train/loss", "train/loss_smooth"))
+_BPB = _PanelSpec("Validation bits per byte", "bpb", ("val/bpb",))
+# phase (the runs/<tag>/<phase> folder the stage script writes) -> chart title, panels
+_STAGE_PLOTS = (
+    (
+        "base",
+        "Base model training",
+        (
+            _LOSS,
+            _BPB,
+            _PanelSpec("CORE metric", "CORE", ("core_metric",)),
+            _PanelSpec("Model FLOPs utilization", "MFU (%)", ("train/mfu",)),
+        ),
+    ),
+    ("mid", "Midtraining", (_LOSS, _BPB)),
+    (
+        "sft",
+        "Chat SFT",
+        (
+            _PanelSpec("Loss", "loss (nats)", ("train/loss", "val/loss")),
+            _PanelSpec("Chat metrics (validation)", "accuracy", ("val/*_acc",)),
+        ),
+    ),
+    (
+        "rl",
+        "Chat RL",
+        (
+            _PanelSpec("Mean reward of the rollouts", "reward", ("train/reward",)),
+            _PanelSpec("GSM8K pass@k (validation)", "pass@k", ("eval/pass@*",)),
+        ),
+    ),
+)
+_SERIES_LABELS = {
+    "train/loss": "train loss",
+    "train/loss_smooth": "train loss (EMA)",
+    "val/bpb": "val bpb",
+    "val/loss": "val loss",
+    "core_metric": "CORE",
+    "train/mfu": "MFU",
+    "train/reward": "mean reward",
+}
+PLOTS_DIR = "plots"  # beside report.md in <base_dir>/report
+COPY_PLOTS_DIR = "report_plots"  # beside the copy of report.md in the current directory
+
+
+@dataclass(frozen=True)
+class Plot:
+    name: str  # file name in the plots folder
+    alt: str
+    svg: str
+
+
+def read_metrics(path: str | Path) -> dict[str, dict[int, float]]:
+    """{key: {step: value}} from a MetricsWriter metrics.jsonl, in step order.
+
+    The writer appends, so a resumed (or restarted) run repeats steps. Within one process every
+    key is logged at increasing steps; a key going back to an earlier step is a new process, and
+    what the file holds from that step on (of every key) belongs to the abandoned timeline, so it
+    is dropped; a repeat of the same step is overwritten: the last value wins. Torn or foreign
+    lines are skipped. (Not metrics.read_jsonl: that module imports JAX, which generate avoids.)
+    """
+    series: dict[str, dict[int, float]] = {}
+    last: dict[str, int] = {}
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            continue
+        values = {
+            key: float(value)
+            for key, value in record.items()
+            if key not in ("step", "time")
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
+        }
+        if any(key in last and step < last[key] for key in values):
+            for key, points in series.items():
+                series[key] = {s: v for s, v in points.items() if s < step}
+            last = {key: max(points) for key, points in series.items() if points}
+        for key, value in values.items():
+            series.setdefault(key, {})[step] = value
+            last[key] = step
+    return {key: dict(sorted(points.items())) for key, points in series.items() if points}
+
+
+def _natural_key(text: str) -> list:
+    """pass@2 before pass@10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def stage_panels(phase: str, metrics: dict[str, dict[int, float]]) -> list[Panel]:
+    """The chart panels of one stage that have data (none: the stage logged nothing we plot)."""
+    specs = next((panels for name, _, panels in _STAGE_PLOTS if name == phase), None)
+    if specs is None:
+        known = ", ".join(name for name, _, _ in _STAGE_PLOTS)
+        raise ValueError(f"no plots for phase {phase!r}; phases with plots: {known}")
+    panels = []
+    for spec in specs:
+        keys = []
+        for pattern in spec.keys:
+            matches = sorted(fnmatch.filter(metrics, pattern), key=_natural_key)
+            keys += [key for key in matches if key not in keys]
+        series = tuple(
+            Series(
+                _SERIES_LABELS.get(key, key.split("/", 1)[-1]),
+                list(metrics[key]),
+                list(metrics[key].values()),
+            )
+            for key in keys
+        )
+        if series:
+            panels.append(Panel(spec.title, spec.y_label, series))
+    return panels
+
+
+def _file_tag(tag: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", tag)
+
+
+def collect_plots(
+    base_dir: str | Path, since: datetime.datetime | None = None, max_points: int = 2000
+) -> list[Plot]:
+    """One chart per stage of each model tag under <base_dir>/runs, base to RL, tags sorted.
+
+    Stages whose metrics.jsonl was last written before `since` (the run's start) are left out:
+    they are an earlier run's, still in a reused base dir.
+    """
+    runs = Path(base_dir) / "runs"
+    plots = []
+    for tag_dir in sorted(p for p in runs.glob("*") if p.is_dir()):
+        for phase, title, _ in _STAGE_PLOTS:
+            path = tag_dir / phase / "metrics.jsonl"
+            if not path.is_file():
+                continue
+            if since is not None and path.stat().st_mtime < since.timestamp():
+                log.info(f"{path} is older than the run's start, not plotted")
+                continue
+            try:
+                panels = stage_panels(phase, read_metrics(path))
+            except OSError as e:
+                log.warning(f"could not read {path} ({e}), not plotted")
+                continue
+            if not panels:
+                log.warning(f"{path} has no values to plot")
+                continue
+            chart_title = f"{title} ({tag_dir.name})"
+            svg = render_svg(chart_title, panels, max_points=max_points)
+            plots.append(Plot(f"{_file_tag(tag_dir.name)}-{phase}.svg", chart_title, svg))
+    return plots
+
+
+def write_plots(plots: Sequence[Plot], folder: Path) -> None:
+    """Each plot's SVG into `folder` (atomically); older SVGs there that are not in `plots` go."""
+    names = {plot.name for plot in plots}
+    if folder.is_dir():
+        for stale in folder.glob("*.svg"):
+            if stale.name not in names:
+                stale.unlink()
+    for plot in plots:
+        atomic_write_text(folder / plot.name, plot.svg)
+
+
+def plots_markdown(plots: Sequence[Plot], plots_dir: str = PLOTS_DIR) -> str:
+    """The "Plots" section linking each chart by a relative path ("" when there are none)."""
+    if not plots:
+        return ""
+    lines = [
+        "## Plots",
+        "",
+        "From each stage's `runs/<tag>/<phase>/metrics.jsonl` (every scalar is also in "
+        "TensorBoard: `tensorboard --logdir <base_dir>/runs`).",
+        "",
+    ]
+    for plot in plots:
+        lines += [f"![{plot.alt}]({plots_dir}/{plot.name})", ""]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
 # generate: the report
 
 
@@ -391,8 +593,14 @@ def _block(text: str, heading: str) -> str:
     return found.group(1) if found else ""
 
 
-def render_report(header: str | None, sections: dict[str, str]) -> str:
-    """The whole report.md from header.md's text (None: missing) and {slug: section text}."""
+def render_report(
+    header: str | None,
+    sections: dict[str, str],
+    plots: Sequence[Plot] = (),
+    plots_dir: str = PLOTS_DIR,
+) -> str:
+    """The whole report.md from header.md's text (None: missing), {slug: section text} and the
+    charts (linked as `<plots_dir>/<name>`)."""
     parts = [header if header is not None else f"# {TITLE}\n\n"]
     metrics, end = {}, None
     for name in EXPECTED_SECTIONS:
@@ -405,6 +613,7 @@ def render_report(header: str | None, sections: dict[str, str]) -> str:
         if name in _SUMMARY_SOURCES:
             column, names = _SUMMARY_SOURCES[name]
             metrics[column] = extract_metrics(text, names)
+    parts.append(plots_markdown(plots, plots_dir))
     parts.append("## Summary\n\n")
     bloat_lines = _block(header or "", "### Bloat")
     if bloat_lines:
@@ -427,7 +636,8 @@ def render_report(header: str | None, sections: dict[str, str]) -> str:
 
 
 def generate(base_dir: str | Path | None = None, copy_to: str | Path | None = None) -> Path:
-    """Write <base_dir>/report/report.md (atomically); also into folder `copy_to` if given."""
+    """Write <base_dir>/report/report.md and its plots/ (atomically); also into folder `copy_to`
+    if given (the plots in `copy_to`/report_plots/)."""
     folder = report_dir(base_dir)
     header_path = folder / "header.md"
     header = header_path.read_text(encoding="utf-8") if header_path.exists() else None
@@ -452,14 +662,21 @@ def generate(base_dir: str | Path | None = None, copy_to: str | Path | None = No
             f"nothing to report in {folder}: no header.md and no stage sections (run "
             "`python -m nanochat_jax.report reset` at the start of a run, then the stages)"
         )
-    text = render_report(header, sections)
+    since = _timestamp(header, "Run started:") if header is not None else None
+    plots = collect_plots(folder.parent, since)
+    # the charts first: report.md never links to a file that is not there yet
+    write_plots(plots, folder / PLOTS_DIR)
+    text = render_report(header, sections, plots)
     out = folder / "report.md"
     atomic_write_text(out, text)
-    print(f"Wrote the report to {out}")
+    print(
+        f"Wrote the report to {out}" + (f" and {len(plots)} plots to {PLOTS_DIR}/" if plots else "")
+    )
     if copy_to is not None:
         copy = Path(copy_to) / "report.md"
         if copy.resolve() != out.resolve():
-            atomic_write_text(copy, text)
+            write_plots(plots, Path(copy_to) / COPY_PLOTS_DIR)
+            atomic_write_text(copy, render_report(header, sections, plots, COPY_PLOTS_DIR))
             print(f"Copied it to {copy.resolve()} (overwritten if there was one)")
     print(text[text.rindex("## Summary") :], end="")
     return out

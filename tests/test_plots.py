@@ -85,6 +85,8 @@ def test_chart_structure_axes_and_legend():
     first = lines[0]
     assert first[0][0] < first[-1][0] and first[0][1] < first[-1][1]
     assert all(72 <= x <= 720 - 24 for line in lines for x, _ in line)  # inside the plot area
+    # the panels share the x range (0..200 here): the same step is drawn at the same x
+    assert lines[0][0][0] == lines[2][0][0] == 72 and lines[2][-1][0] == 720 - 24
     # sparse series get a dot per point; dense ones do not
     assert len(root.findall(".//svg:circle", NS)) == 3
 

@@ -1,9 +1,12 @@
 import datetime
+import json
 import logging
+import math
 import os
 import re
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 
 import jax
 import pytest
@@ -389,3 +392,168 @@ def test_cli_bad_subcommand_as_a_process(tmp_path):
     assert "invalid choice: 'rest' (choose from" in result.stderr
     assert "reset" in result.stderr and "generate" in result.stderr
     assert not (tmp_path / "report").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _write_jsonl(path, records, extra_lines=()):
+    """Lines as MetricsWriter writes them ({"step", "time", **scalars}), plus raw lines."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"step": step, "time": 1.0, **values}) for step, values in records]
+    path.write_text("\n".join([*lines, *extra_lines]) + "\n")
+    return path
+
+
+def _polyline_lengths(svg_path):
+    root = ET.parse(svg_path).getroot()  # raises on malformed XML
+    return [len(line.get("points").split()) for line in root.iter(f"{SVG}polyline")]
+
+
+def _svg_texts(svg_path):
+    return [t.text for t in ET.parse(svg_path).getroot().iter(f"{SVG}text")]
+
+
+def test_read_metrics_resumed_run_takes_the_new_timeline(tmp_path):
+    first = [(0, {"val/bpb": 3.0})] + [(s, {"train/loss": 10.0 - s / 100}) for s in range(151)]
+    first += [(100, {"val/bpb": 2.0}), (150, {"val/bpb": 1.9})]
+    first.sort(key=lambda r: r[0])  # each key in step order, as one process logs it
+    # killed after step 150; resumed from the step-100 checkpoint, killed again at step 120
+    resumed = [(100, {"val/bpb": 2.5})] + [(s, {"train/loss": 5.0}) for s in range(100, 121)]
+    path = _write_jsonl(
+        tmp_path / "metrics.jsonl",
+        first + resumed,
+        extra_lines=['{"step": 121, "time": 1.0, "train/lo'],  # torn by the kill
+    )
+    metrics = report.read_metrics(path)
+    assert sorted(metrics) == ["train/loss", "val/bpb"]
+    assert list(metrics["train/loss"]) == list(range(121))  # the old 121..150 are gone
+    assert metrics["train/loss"][99] == pytest.approx(9.01)
+    assert all(metrics["train/loss"][s] == 5.0 for s in range(100, 121))
+    assert metrics["val/bpb"] == {0: 3.0, 100: 2.5}  # 150 was the abandoned timeline's
+
+
+def test_read_metrics_same_step_repeated_and_odd_lines(tmp_path):
+    path = _write_jsonl(
+        tmp_path / "metrics.jsonl",
+        [(0, {"a": 1.0}), (1, {"a": 2.0}), (1, {"a": 3.0}), (2, {"a": float("nan")})],
+        extra_lines=[
+            "[1, 2]",
+            '{"step": "3", "a": 1.0}',
+            '{"step": 4, "a": "high", "b": true, "c": Infinity}',
+            "",
+        ],
+    )
+    metrics = report.read_metrics(path)
+    assert set(metrics) == {"a", "c"}
+    assert list(metrics["a"].items())[:2] == [(0, 1.0), (1, 3.0)]  # the last value wins
+    assert math.isnan(metrics["a"][2])  # kept here; the chart leaves it out and says so
+    assert metrics["c"] == {4: math.inf}
+
+
+def test_stage_panels_pick_each_stages_metrics():
+    steps = {0: 1.0, 1: 0.5}
+    base = report.stage_panels(
+        "base", {"train/loss": steps, "train/loss_smooth": steps, "val/bpb": steps, "x": steps}
+    )
+    assert [p.title for p in base] == ["Training loss", "Validation bits per byte"]
+    assert [s.label for s in base[0].series] == ["train loss", "train loss (EMA)"]
+    assert base[0].series[0].steps == [0, 1] and base[0].series[0].values == [1.0, 0.5]
+    rl = report.stage_panels(
+        "rl", {f"eval/pass@{k}": steps for k in (10, 2, 1)} | {"train/reward": steps}
+    )
+    assert [p.title for p in rl] == ["Mean reward of the rollouts", "GSM8K pass@k (validation)"]
+    assert [s.label for s in rl[1].series] == ["pass@1", "pass@2", "pass@10"]
+    sft = report.stage_panels(
+        "sft", {"val/loss": steps, "val/mmlu_acc": steps, "val/arc_easy_acc": steps}
+    )
+    assert [[s.label for s in p.series] for p in sft] == [
+        ["val loss"],
+        ["arc_easy_acc", "mmlu_acc"],
+    ]
+    assert report.stage_panels("mid", {"train/lrm": steps}) == []
+    with pytest.raises(ValueError, match="no plots for phase 'tok'; phases with plots: base, mid"):
+        report.stage_panels("tok", {})
+
+
+def test_collect_plots_missing_empty_nan_and_stale(tmp_path, warnings):
+    assert report.collect_plots(tmp_path) == []  # no runs/ at all
+    runs = tmp_path / "runs"
+    (runs / "d4" / "base").mkdir(parents=True)
+    (runs / "d4" / "base" / "metrics.jsonl").write_text("")
+    (runs / "d4" / "mid").mkdir()  # a stage dir without its file
+    (runs / "d4" / "tok").mkdir()  # not a stage we plot
+    _write_jsonl(runs / "d4" / "sft" / "metrics.jsonl", [(0, {"train/lrm": 1.0})])
+    nan = [(s, {"train/reward": math.nan if s % 2 else s / 10}) for s in range(6)]
+    _write_jsonl(runs / "d4" / "rl" / "metrics.jsonl", nan)
+    old = _write_jsonl(runs / "d2" / "base" / "metrics.jsonl", [(0, {"train/loss": 1.0})])
+    os.utime(old, (T0.timestamp() - 3600,) * 2)  # an earlier run's file in a reused base dir
+    plots = report.collect_plots(tmp_path, since=T0)
+    assert [p.name for p in plots] == ["d4-rl.svg"]
+    assert plots[0].alt == "Chat RL (d4)"
+    svg = tmp_path / "rl.svg"
+    svg.write_text(plots[0].svg)
+    assert _polyline_lengths(svg) == [3]
+    assert "Mean reward of the rollouts (3 non-finite values skipped)" in _svg_texts(svg)
+    messages = [r.getMessage() for r in warnings]
+    assert any("d4/base/metrics.jsonl has no values to plot" in m for m in messages)
+    assert any("d4/sft/metrics.jsonl has no values to plot" in m for m in messages)
+    # without a run start, the older run is plotted too; tags sorted, odd characters replaced
+    _write_jsonl(runs / "my run" / "mid" / "metrics.jsonl", [(0, {"val/bpb": 2.0})])
+    names = [p.name for p in report.collect_plots(tmp_path, max_points=10)]
+    assert names == ["d2-base.svg", "d4-rl.svg", "my_run-mid.svg"]
+
+
+def test_generate_writes_plots_and_links_them(tmp_path, capsys):
+    """A MetricsWriter's real file, downsampled; report.md links that resolve in both copies."""
+    from nanochat_jax.metrics import MetricsWriter
+
+    base, cwd = tmp_path / "base", tmp_path / "cwd"
+    cwd.mkdir()
+    folder = report.report_dir(base)
+    (folder / "header.md").write_text(HEADER)
+    _write_sections(base)
+    writer = MetricsWriter(base / "runs" / "d20" / "base", enabled=True)
+    for step in range(5000):
+        writer.scalars(step, {"train/loss": 10 / (1 + step), "train/mfu": 40.0})
+        if step % 1000 == 0:
+            writer.scalars(step, {"val/bpb": 2 - step / 5000})
+    writer.close()
+    _write_jsonl(
+        base / "runs" / "d20" / "rl" / "metrics.jsonl",
+        [(s, {"train/reward": s / 10, "eval/pass@1": 0.1, "eval/pass@2": 0.2}) for s in range(3)],
+    )
+    (folder / "plots").mkdir()
+    (folder / "plots" / "d12-base.svg").write_text("<svg/>")  # an older run's chart
+    (folder / "plots" / "notes.txt").write_text("keep me")
+    out = report.generate(base_dir=base, copy_to=cwd)
+    assert sorted(p.name for p in (folder / "plots").iterdir()) == [
+        "d20-base.svg",
+        "d20-rl.svg",
+        "notes.txt",
+    ]
+    text = out.read_text()
+    assert text.index("## Chat evaluation rl") < text.index("## Plots") < text.index("## Summary")
+    assert text.endswith(EXPECTED_SUMMARY)
+    assert "![Base model training (d20)](plots/d20-base.svg)\n" in text
+    assert "![Chat RL (d20)](plots/d20-rl.svg)\n" in text
+    copy = (cwd / "report.md").read_text()
+    assert copy == text.replace("](plots/", "](report_plots/")
+    for md in (out, cwd / "report.md"):
+        links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md.read_text())
+        assert len(links) == 2
+        for link in links:
+            target = md.parent / link
+            assert target.is_file(), f"{md} links {link}, which does not exist"
+            assert target.read_text() == (folder / "plots" / target.name).read_text()
+    chart = folder / "plots" / "d20-base.svg"
+    # train loss (5000 points -> 2000), MFU likewise; val bpb has 5 points
+    assert _polyline_lengths(chart) == [2000, 5, 2000]
+    texts = _svg_texts(chart)
+    for label in ("Base model training (d20)", "loss (nats)", "bpb", "MFU (%)", "step", "val bpb"):
+        assert label in texts
+    assert "4,000" in texts  # x ticks up to the last step
+    assert "and 2 plots to plots/" in capsys.readouterr().out
