@@ -16,14 +16,22 @@ prefetches with
     python -m nanochat_jax.hf_data arc gsm8k      # or some of it
 
 and `python -m nanochat_jax.demo_tasks` writes small offline stand-ins in the same layout.
+
+Two single files that nanochat's later, opt-in tasks read live next to them (TaskFile, groups
+`words` and `identity`): the English word list of SpellingBee/SimpleSpelling (nanochat 8892470)
+and the synthetic identity conversations read by CustomJSON (nanochat fe5aed9), each fetched from
+nanochat's URL (overridable with an environment variable) with the same retried, resumable,
+verified and atomic download.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +146,83 @@ GROUPS: dict[str, list[tuple[str, str, str]]] = {
 }
 
 
+_WORD_RE = re.compile(r"[A-Za-z]+")
+
+
+def verify_word_list(path: Path) -> None:
+    """Raise CorruptDownload unless `path` is UTF-8 text of one alphabetic word per line (blank
+    lines allowed): an HTML error page or a binary file is caught here, not at training."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise CorruptDownload(f"word list is not UTF-8 text ({e})") from None
+    words = [line.strip() for line in lines if line.strip()]
+    if not words:
+        raise CorruptDownload("word list has no words")
+    bad = next((w for w in words if not _WORD_RE.fullmatch(w)), None)
+    if bad is not None:
+        raise CorruptDownload(f"word list line {bad[:40]!r} is not a single alphabetic word")
+
+
+def verify_conversations(path: Path) -> None:
+    """Raise CorruptDownload unless every non-blank line of `path` is a JSON list of messages,
+    user first, roles alternating (the format CustomJSON reads)."""
+    from nanochat_jax.tasks.smoltalk import check_messages  # lazy: tasks import this module
+
+    count = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                check_messages(json.loads(line), f"line {line_number}", allow_system=False)
+                count += 1
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise CorruptDownload(f"not a JSONL file of conversations ({e})") from None
+    if not count:
+        raise CorruptDownload("no conversations in the file")
+
+
+@dataclass(frozen=True)
+class TaskFile:
+    """A single file a task reads from `<base_dir>/task_data/` (not a Hugging Face dataset)."""
+
+    group: str  # its name on the CLI
+    name: str  # the file name in task_data/ (nanochat's: it keeps it in its base dir)
+    url: str  # where nanochat downloads it from
+    url_env: str  # environment variable that overrides `url`
+    verify: Callable[[Path], None]
+
+    def local_path(self, base_dir: str | Path | None = None) -> Path:
+        return task_data_dir(base_dir) / self.name
+
+    def is_cached(self, base_dir: str | Path | None = None) -> bool:
+        return self.local_path(base_dir).is_file()
+
+    def resolve_url(self, url: str | None = None) -> str:
+        """The argument if given, else $<url_env>, else nanochat's URL."""
+        return url or os.environ.get(self.url_env) or self.url
+
+
+# nanochat 8892470, tasks/spellingbee.py: dwyl/english-words' 370K lowercase words
+WORDS_FILE = TaskFile(
+    "words",
+    "words_alpha.txt",
+    "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt",
+    "NANOCHAT_JAX_WORDS_URL",
+    verify_word_list,
+)
+# nanochat fe5aed9, speedrun.sh: ~1K synthetic conversations about nanochat itself (2.3 MB)
+IDENTITY_FILE = TaskFile(
+    "identity",
+    "identity_conversations.jsonl",
+    "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl",
+    "NANOCHAT_JAX_IDENTITY_URL",
+    verify_conversations,
+)
+FILES: dict[str, TaskFile] = {f.group: f for f in (WORDS_FILE, IDENTITY_FILE)}
+
+
 def task_data_dir(base_dir: str | Path | None = None) -> Path:
     """`<base_dir>/task_data` (base_dir defaults to get_base_dir())."""
     return (Path(base_dir) if base_dir is not None else get_base_dir()) / "task_data"
@@ -191,12 +276,7 @@ def ensure_split(
         return paths
     root = task_data_dir(base_dir)
     if is_demo(base_dir):
-        raise TaskDataError(
-            f"{root} holds offline demo task data (see {DEMO_MARKER}) without {hf_split.key}, "
-            "and real downloads must not mix with it. Rewrite it with "
-            "`python -m nanochat_jax.demo_tasks`, or delete it (or point NANOCHAT_JAX_BASE_DIR "
-            "elsewhere) and run `python -m nanochat_jax.hf_data --all`."
-        )
+        raise _demo_in_the_way(root, hf_split.key)
     cfg = cfg or DownloadConfig()
     base_url = resolve_hf_url(base_url)
     try:
@@ -217,6 +297,53 @@ def ensure_split(
                 f"{GET_DATA_HINT}"
             )
     return paths
+
+
+def _demo_in_the_way(root: Path, what: str) -> TaskDataError:
+    return TaskDataError(
+        f"{root} holds offline demo task data (see {DEMO_MARKER}) without {what}, "
+        "and real downloads must not mix with it. Rewrite it with "
+        "`python -m nanochat_jax.demo_tasks`, or delete it (or point NANOCHAT_JAX_BASE_DIR "
+        "elsewhere) and run `python -m nanochat_jax.hf_data --all`."
+    )
+
+
+def ensure_file(
+    task_file: TaskFile,
+    *,
+    base_dir: str | Path | None = None,
+    url: str | None = None,
+    cfg: DownloadConfig | None = None,
+) -> Path:
+    """The file's local path, downloading it first if it is missing (TaskDataError if that
+    cannot be done: one line naming the commands to run)."""
+    path = task_file.local_path(base_dir)
+    if path.is_file():
+        return path
+    root = task_data_dir(base_dir)
+    if is_demo(base_dir):
+        raise _demo_in_the_way(root, task_file.name)
+    cfg = cfg or DownloadConfig()
+    url = task_file.resolve_url(url)
+    hint = (
+        f"Prefetch on a machine with internet: `python -m nanochat_jax.hf_data "
+        f"{task_file.group}` (URL: ${task_file.url_env} or nanochat's); or write offline demo "
+        "data: `python -m nanochat_jax.demo_tasks`."
+    )
+    try:
+        check_reachable(url, cfg.connect_timeout_s)
+    except OfflineError as e:
+        offline = str(e).strip()
+        raise TaskDataError(f"{task_file.name} is not in {root} and {offline} {hint}") from None
+    except ValueError as e:
+        raise TaskDataError(f"{task_file.name}: {e} (from ${task_file.url_env}?)") from None
+    log.info("downloading %s", url)
+    error = download_file(url, path, cfg=cfg, verify=task_file.verify)
+    if error is not None:
+        raise TaskDataError(
+            f"download of {url} failed: {error}. Run the same command again to resume. {hint}"
+        )
+    return path
 
 
 def hf_shuffle_permutation(num_rows: int, seed: int = SHUFFLE_SEED) -> np.ndarray:
@@ -312,40 +439,58 @@ def prefetch(
     base_dir: str | Path | None = None,
     base_url: str | None = None,
     cfg: DownloadConfig | None = None,
-) -> list[HFSplit]:
-    """Download the splits of the named groups (see GROUPS) that are not cached yet."""
-    unknown = [n for n in names if n.lower() not in GROUPS]
+) -> list[HFSplit | TaskFile]:
+    """Download what the named groups hold (the splits of GROUPS, the files of FILES) that is
+    not cached yet. base_url: the Hub's (files use their own URLs)."""
+    unknown = [n for n in names if n.lower() not in GROUPS and n.lower() not in FILES]
     if unknown:
-        raise ValueError(f"unknown dataset name(s) {unknown}; allowed: {sorted(GROUPS)}")
-    wanted = [SPLITS[key] for name in names for key in GROUPS[name.lower()]]
-    for hf_split in wanted:
-        cached = hf_split.is_cached(base_dir)
-        ensure_split(hf_split, base_dir=base_dir, base_url=base_url, cfg=cfg)
-        log.info("%s: %s", hf_split.key, "already there" if cached else "downloaded")
+        allowed = sorted([*GROUPS, *FILES])
+        raise ValueError(f"unknown dataset name(s) {unknown}; allowed: {allowed}")
+    wanted: list[HFSplit | TaskFile] = []
+    for name in names:
+        if name.lower() in FILES:
+            wanted.append(FILES[name.lower()])
+        else:
+            wanted.extend(SPLITS[key] for key in GROUPS[name.lower()])
+    for item in wanted:
+        cached = item.is_cached(base_dir)
+        if isinstance(item, TaskFile):
+            ensure_file(item, base_dir=base_dir, cfg=cfg)
+            what = item.name
+        else:
+            ensure_split(item, base_dir=base_dir, base_url=base_url, cfg=cfg)
+            what = item.key
+        log.info("%s: %s", what, "already there" if cached else "downloaded")
     return wanted
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description="Prefetch the Hugging Face datasets of nanochat's tasks into "
-        "<base_dir>/task_data (for machines that go offline later)."
+        description="Prefetch the Hugging Face datasets of nanochat's tasks (and the word list "
+        "and identity conversations of its opt-in extras) into <base_dir>/task_data (for "
+        "machines that go offline later)."
     )
-    parser.add_argument("names", nargs="*", help=f"dataset groups: {', '.join(GROUPS)}")
+    groups = [*GROUPS, *FILES]
+    parser.add_argument("names", nargs="*", help=f"dataset groups: {', '.join(groups)}")
     parser.add_argument("--all", action="store_true", help="every group")
-    parser.add_argument("--base-url", default=None, help=f"default ${HF_URL_ENV} or {HF_URL}")
+    parser.add_argument(
+        "--base-url", default=None, help=f"the Hub's (default ${HF_URL_ENV} or {HF_URL})"
+    )
     args = parser.parse_args(argv)
     if args.all == bool(args.names):
-        parser.error(f"name dataset groups ({', '.join(GROUPS)}) or pass --all")
-    names = list(GROUPS) if args.all else args.names
+        parser.error(f"name dataset groups ({', '.join(groups)}) or pass --all")
+    names = groups if args.all else args.names
     try:
-        splits = prefetch(names, base_url=args.base_url)
+        fetched = prefetch(names, base_url=args.base_url)
     except (TaskDataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    print(f"{len(splits)} dataset splits ready in {task_data_dir()}")
+    splits = sum(isinstance(item, HFSplit) for item in fetched)
+    files = f" and {len(fetched) - splits} files" if len(fetched) > splits else ""
+    print(f"{splits} dataset splits{files} ready in {task_data_dir()}")
     return 0
 
 

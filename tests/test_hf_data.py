@@ -210,3 +210,175 @@ def test_cli(base_dir, monkeypatch, capsys):
         hf_data.main([])
     with pytest.raises(SystemExit):
         hf_data.main(["--all", "arc"])
+
+
+# ---- single files: the word list and the identity conversations ---------------------------
+
+WORDS = b"apple\r\nbanana\r\ncherry\r\n"
+IDENTITY = (
+    b'[{"role": "user", "content": "Who are you?"}, '
+    b'{"role": "assistant", "content": "nanochat-jax."}]\n'
+)
+
+
+def file_urls(server: FaultServer, monkeypatch) -> None:
+    for task_file in hf_data.FILES.values():
+        monkeypatch.setenv(task_file.url_env, f"{server.url}/{task_file.name}")
+
+
+def test_file_urls_are_nanochats():
+    words, identity = hf_data.FILES["words"], hf_data.FILES["identity"]
+    assert words is hf_data.WORDS_FILE and identity is hf_data.IDENTITY_FILE
+    # nanochat 8892470 tasks/spellingbee.py, fe5aed9 speedrun.sh
+    assert words.url == (
+        "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
+    )
+    assert identity.url == (
+        "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl"
+    )
+    assert (words.name, identity.name) == ("words_alpha.txt", "identity_conversations.jsonl")
+    assert words.local_path("/b") == hf_data.task_data_dir("/b") / "words_alpha.txt"
+
+
+def test_file_url_override(monkeypatch):
+    words = hf_data.WORDS_FILE
+    monkeypatch.delenv(words.url_env, raising=False)
+    assert words.resolve_url() == words.url
+    monkeypatch.setenv(words.url_env, "http://mirror/w.txt")
+    assert words.resolve_url() == "http://mirror/w.txt"
+    assert words.resolve_url("http://arg/w.txt") == "http://arg/w.txt"
+
+
+def test_files_download_through_faults(base_dir, monkeypatch):
+    files = {"words_alpha.txt": WORDS, "identity_conversations.jsonl": IDENTITY}
+    faults = {name: ["500", "truncate", "corrupt"] for name in files}
+    with serve(files, faults) as server:
+        file_urls(server, monkeypatch)
+        for task_file in hf_data.FILES.values():
+            path = hf_data.ensure_file(task_file, cfg=FAST4)
+            assert path == base_dir / "task_data" / task_file.name
+            assert path.read_bytes() == files[task_file.name]
+        # 500 -> retried; truncated -> resumed with a Range request; corrupt -> refetched
+        for name, body in files.items():
+            assert server.requests[name] == [None, None, f"bytes={len(body) // 2}-", None]
+        for task_file in hf_data.FILES.values():  # cached: no request
+            hf_data.ensure_file(task_file, cfg=FAST4)
+    assert all(len(r) == 4 for r in server.requests.values())
+    assert not list(base_dir.rglob("*.tmp"))
+
+
+def test_file_download_failures_are_one_line(base_dir, monkeypatch):
+    name = "identity_conversations.jsonl"
+    with serve({name: IDENTITY}, {name: ["corrupt"] * 3}) as server:
+        file_urls(server, monkeypatch)
+        with pytest.raises(TaskDataError) as info:
+            hf_data.ensure_file(hf_data.IDENTITY_FILE, cfg=FAST)
+        message = str(info.value)
+        assert "corrupt download: not a JSONL file of conversations" in message
+        assert "after 3 attempts" in message and "\n" not in message
+        assert "python -m nanochat_jax.hf_data identity" in message
+        with pytest.raises(TaskDataError, match="HTTP 404") as info:  # not served: not retried
+            hf_data.ensure_file(hf_data.WORDS_FILE, cfg=FAST)
+        assert server.requests["words_alpha.txt"] == [None]
+    assert not hf_data.IDENTITY_FILE.is_cached(base_dir)
+
+
+def test_file_offline_and_bad_url(base_dir, monkeypatch):
+    monkeypatch.setenv(hf_data.WORDS_FILE.url_env, "http://127.0.0.1:9/words_alpha.txt")
+    with pytest.raises(TaskDataError) as info:
+        hf_data.ensure_file(hf_data.WORDS_FILE, cfg=FAST)
+    message = str(info.value)
+    assert isinstance(info.value, OSError) and "\n" not in message
+    assert "words_alpha.txt is not in" in message and "are you offline?" in message
+    assert "python -m nanochat_jax.hf_data words" in message
+    assert "python -m nanochat_jax.demo_tasks" in message
+    monkeypatch.setenv(hf_data.WORDS_FILE.url_env, "ftp://example.com/w.txt")
+    with pytest.raises(TaskDataError, match=r"base URL must be http\(s\).*NANOCHAT_JAX_WORDS_URL"):
+        hf_data.ensure_file(hf_data.WORDS_FILE, cfg=FAST)
+
+
+def test_demo_data_blocks_file_downloads(base_dir, monkeypatch):
+    (base_dir / "task_data").mkdir()
+    (base_dir / "task_data" / hf_data.DEMO_MARKER).write_text("{}")
+    with serve({"words_alpha.txt": WORDS}) as server:
+        file_urls(server, monkeypatch)
+        with pytest.raises(TaskDataError, match="offline demo task data .* without words_alpha"):
+            hf_data.ensure_file(hf_data.WORDS_FILE, cfg=FAST)
+    assert not server.requests
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"apple\nbanana split\n", "'banana split' is not a single alphabetic word"),
+        (b"<html><body>rate limited</body></html>\n", "is not a single alphabetic word"),
+        (b"\n\n", "word list has no words"),
+        (b"caf\xe9\n", "word list is not UTF-8 text"),
+    ],
+)
+def test_verify_word_list(tmp_path, body, message):
+    path = tmp_path / "w.txt"
+    path.write_bytes(body)
+    with pytest.raises(hf_data.CorruptDownload, match=message):
+        hf_data.verify_word_list(path)
+
+
+def test_verify_word_list_accepts_crlf_and_blank_lines(tmp_path):
+    path = tmp_path / "w.txt"
+    path.write_bytes(b"a\r\naardvark\r\n\r\nZebra\r\n")
+    hf_data.verify_word_list(path)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json\n", "not a JSONL file of conversations"),
+        (b'[{"role": "assistant", "content": "hi"}]\n', "line 1: needs at least a user"),
+        (
+            IDENTITY + b'[{"role": "user", "content": 1}, {"role": "assistant", "content": ""}]\n',
+            "line 2: message 0 content must be a string",
+        ),  # fmt: skip
+        (b"\n", "no conversations"),
+    ],
+)
+def test_verify_conversations(tmp_path, body, message):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(body)
+    with pytest.raises(hf_data.CorruptDownload, match=message):
+        hf_data.verify_conversations(path)
+    path.write_bytes(IDENTITY + b"\n" + IDENTITY)
+    hf_data.verify_conversations(path)
+
+
+def test_cli_files(base_dir, monkeypatch, capsys):
+    files = {"words_alpha.txt": WORDS, "identity_conversations.jsonl": IDENTITY}
+    with serve(files) as server:
+        file_urls(server, monkeypatch)
+        assert hf_data.main(["words", "identity"]) == 0
+        assert "0 dataset splits and 2 files ready" in capsys.readouterr().out
+        assert hf_data.main(["WORDS"]) == 0  # cached: nothing fetched twice
+    assert all(len(server.requests[name]) == 1 for name in files)
+    assert (base_dir / "task_data" / "words_alpha.txt").read_bytes() == WORDS
+    assert hf_data.main(["nope"]) == 2
+    assert "allowed: ['arc', 'gsm8k', 'humaneval', 'identity', 'mmlu', 'smoltalk', 'words']" in (
+        capsys.readouterr().err
+    )
+
+
+def test_cli_all_fetches_the_files_too(base_dir, monkeypatch, capsys):
+    asked, real_prefetch = [], hf_data.prefetch
+
+    def prefetch(names, **kwargs):
+        asked.extend(names)
+        return [hf_data.WORDS_FILE, hf_data.IDENTITY_FILE]
+
+    monkeypatch.setattr(hf_data, "prefetch", prefetch)
+    assert hf_data.main(["--all"]) == 0
+    assert asked == ["arc", "mmlu", "gsm8k", "humaneval", "smoltalk", "words", "identity"]
+    assert "0 dataset splits and 2 files ready" in capsys.readouterr().out
+    # a failed file download: one error line, exit status 2
+    monkeypatch.setattr(hf_data, "prefetch", real_prefetch)
+    monkeypatch.setenv(hf_data.IDENTITY_FILE.url_env, "http://127.0.0.1:9/i.jsonl")
+    assert hf_data.main(["identity"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: identity_conversations.jsonl is not in") and err.count("\n") == 1

@@ -16,12 +16,14 @@ import pytest
 from nanochat_jax import hf_data
 from nanochat_jax.tasks import (
     ARC,
+    EXTRA_TASK_NAMES,
     GSM8K,
     MMLU,
     TASK_NAMES,
     CustomJSON,
     HumanEval,
     SmolTalk,
+    SpellingBee,
     Task,
     TaskMixture,
     TaskSequence,
@@ -466,10 +468,22 @@ def test_get_task(base_dir):
     task = get_task("MMLU", stop=4)
     assert isinstance(task, MMLU) and task.subset == "all" and len(task) == 4
     assert TASK_NAMES == ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval")
-    with pytest.raises(ValueError, match="unknown task 'SpellingBee'"):
-        get_task("SpellingBee")
     with pytest.raises(ValueError, match="only the test split"):
         get_task("HumanEval", split="train")
+    with pytest.raises(ValueError, match="unknown task 'SQuAD'; allowed: .*HumanEval, SpellingBee"):
+        get_task("SQuAD")
+
+
+def test_get_task_spelling_bee(base_dir):
+    """nanochat's chat_eval: SpellingBee(size=256, split="test"); an extra, not a default task."""
+    assert EXTRA_TASK_NAMES == ("SpellingBee",) and "SpellingBee" not in TASK_NAMES
+    (base_dir / "task_data").mkdir()
+    (base_dir / "task_data" / "words_alpha.txt").write_text("apple\nbanana\ncherry\n")
+    task = get_task("SpellingBee")
+    assert isinstance(task, SpellingBee) and task.split == "test" and len(task) == 256
+    assert task.eval_type == "generative" and task.words == ["apple", "banana", "cherry"]
+    assert len(get_task("SpellingBee", stop=10)) == 10
+    assert get_task("SpellingBee", split="train")[0] != task[0]  # train and test seeds differ
 
 
 def test_every_task_renders(base_dir, tok):

@@ -1,0 +1,195 @@
+"""nanochat_jax.tasks.spellingbee: the conversations equal nanochat's own (golden rows made by
+tests/golden/make_spelling_golden.py from nanochat's tasks/spellingbee.py), the tool calls give
+the right counts through the engine's calculator, grading, the word list's download."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from nanochat_jax import hf_data
+from nanochat_jax.download import DownloadConfig
+from nanochat_jax.engine import use_calculator
+from nanochat_jax.tasks import SimpleSpelling, SpellingBee, TaskDataError
+from nanochat_jax.tasks.spellingbee import USER_MSG_TEMPLATES, load_words
+from nanochat_jax.tokenizer import Tokenizer
+from tests.fault_server import FaultServer
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+GOLDEN = json.loads((GOLDEN_DIR / "spelling_rows.json").read_text(encoding="utf-8"))
+CLASSES = {"SpellingBee": SpellingBee, "SimpleSpelling": SimpleSpelling}
+_CALL_RE = re.compile(r"'([a-z]+)'\.count\('([a-z])'\)")
+FAST = DownloadConfig(connect_timeout_s=2.0, read_timeout_s=0.3, max_attempts=3, backoff_s=0.01)
+
+
+@pytest.fixture(scope="module")
+def words_path(tmp_path_factory) -> Path:
+    """The golden word list, with CRLF line ends like the real words_alpha.txt."""
+    path = tmp_path_factory.mktemp("words") / "words_alpha.txt"
+    path.write_bytes("".join(f"{w}\r\n" for w in GOLDEN["words"]).encode())
+    return path
+
+
+@pytest.fixture
+def base_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv(hf_data.WORDS_FILE.url_env, "http://127.0.0.1:9/words_alpha.txt")
+    return tmp_path
+
+
+def test_golden_provenance():
+    provenance = GOLDEN["_provenance"]
+    # nanochat's last fix of the file (8892470 + 05a051d + c72b8b2 + 9777070)
+    assert provenance["nanochat_commit"].startswith("9777070")
+    # the word list nanochat asks for is the one we download
+    assert provenance["word_list_requests"] == [[hf_data.WORDS_FILE.url, hf_data.WORDS_FILE.name]]
+    assert len(GOLDEN["rows"]) == 4 and all(len(r) == 40 for r in GOLDEN["rows"].values())
+
+
+@pytest.mark.parametrize("key", sorted(GOLDEN["rows"]))
+def test_rows_equal_nanochat(words_path, key):
+    name, split = key.split("/")
+    indices = GOLDEN["indices"]
+    task = CLASSES[name](size=max(indices) + 1, split=split, words_path=words_path)
+    ours = [task.get_example(i) for i in indices]
+    mismatched = [i for i, a, b in zip(indices, ours, GOLDEN["rows"][key], strict=True) if a != b]
+    assert not mismatched, f"{key}: rows {mismatched} differ from nanochat's"
+    assert [task[i] for i in indices[:5]] == ours[:5]  # through the sliced view too
+
+
+def test_evaluate_and_reward_equal_nanochat(words_path):
+    grades = GOLDEN["evaluate"]["grades"]
+    task = SpellingBee(size=GOLDEN["evaluate"]["test_rows"], split="test", words_path=words_path)
+    for grade in grades:
+        conversation = task[grade["index"]]
+        assert task.evaluate(conversation, grade["response"]) == bool(grade["evaluate"]), grade
+        assert task.reward(conversation, grade["response"]) == grade["reward"], grade
+    assert 0 < sum(g["evaluate"] for g in grades) < len(grades)  # right and wrong ones
+
+
+def test_tool_calls_through_the_calculator(words_path):
+    """Every row's python part, run by the engine's calculator, gives its python_output, which
+    is the true count, the manual count and the graded answer."""
+    task = SpellingBee(size=600, split="train", words_path=words_path)
+    counts = set()
+    for conversation in task:
+        user, assistant = conversation["messages"]
+        parts = assistant["content"]
+        assert [p["type"] for p in parts] == ["text", "text", "python", "python_output", "text"]
+        word, letter = _CALL_RE.fullmatch(parts[2]["text"]).groups()
+        count = word.count(letter)
+        assert use_calculator(parts[2]["text"]) == count
+        assert parts[3]["text"] == str(use_calculator(parts[2]["text"]))
+        assert parts[0]["text"].endswith(f"This gives us {count}.")
+        assert parts[0]["text"].count(" hit! count=") == count
+        assert f"{word}:{','.join(word)}\n" in parts[0]["text"]
+        assert word in user["content"] and letter in user["content"]
+        assert task.reward(conversation, parts[-1]["text"]) == 1.0
+        counts.add(count)
+    assert 0 in counts and max(counts) >= 3  # random letters (count 0) and repeated ones
+
+
+def test_prompt_variety(words_path):
+    task = SpellingBee(size=2000, split="test", words_path=words_path)
+    questions = [c["messages"][0]["content"] for c in task]
+    calls = [_CALL_RE.fullmatch(c["messages"][1]["content"][2]["text"]).groups() for c in task]
+    absent = sum(letter not in word for word, letter in calls)
+    assert 0.04 < absent / len(task) < 0.11  # 10% random letters, some of them in the word
+    assert 0.4 < sum(q.endswith("?") for q in questions) / len(questions) < 0.7
+    assert any("¿Cuántas" in q for q in questions) and any("有多少" in q for q in questions)
+    assert len(USER_MSG_TEMPLATES) == 51
+    assert len(set(questions)) > 1900
+
+
+def test_simple_spelling(words_path):
+    task = SimpleSpelling(size=50, split="train", words_path=words_path)
+    # shuffled: another order than SpellingBee's
+    assert task.words != GOLDEN["words"] and sorted(task.words) == sorted(GOLDEN["words"])
+    for conversation in task:
+        user, assistant = conversation["messages"]
+        word = user["content"].removeprefix("Spell the word: ")
+        # no space after the colon (nanochat 05a051d): the first letter tokenizes like the rest
+        assert assistant["content"] == word + ":" + ",".join(word)
+    with pytest.raises(NotImplementedError):
+        task.evaluate(task[0], "x")
+
+
+def test_sizes_splits_and_slices(words_path):
+    train = SpellingBee(size=30, words_path=words_path)
+    test = SpellingBee(size=30, split="test", words_path=words_path)
+    assert len(train) == 30 and len(SpellingBee(size=30, stop=10, words_path=words_path)) == 10
+    assert SpellingBee(size=30, start=4, step=3, words_path=words_path)[2] == train[10]
+    # test seeds are 10M + index: no test example repeats a train one (nanochat 9777070)
+    assert not {json.dumps(c) for c in train} & {json.dumps(c) for c in test}
+    assert len(SpellingBee(size=0, words_path=words_path)) == 0
+    with pytest.raises(IndexError):
+        train[30]
+    for bad in (-1, 2.5, True, "10"):
+        with pytest.raises(ValueError, match="size must be an int >= 0"):
+            SpellingBee(size=bad, words_path=words_path)
+    with pytest.raises(ValueError, match=r"split must be one of \('train', 'test'\)"):
+        SimpleSpelling(size=3, split="validation", words_path=words_path)
+
+
+def test_evaluate_rejects_bad_input(words_path):
+    task = SpellingBee(size=3, words_path=words_path)
+    conversation = task[0]
+    answer = conversation["messages"][-1]["content"][-1]["text"]
+    assert task.evaluate(conversation, answer) is True
+    assert task.evaluate(conversation, "I don't know") is False
+    with pytest.raises(ValueError, match="response must be a str"):
+        task.evaluate(conversation, None)
+    plain = {"messages": [conversation["messages"][0], {"role": "assistant", "content": "3"}]}
+    with pytest.raises(ValueError, match="must end with the assistant's list of parts"):
+        task.evaluate(plain, answer)
+
+
+def test_renders_with_tool_tokens():
+    with gzip.open(GOLDEN_DIR / "tok_corpus.txt.gz", "rt", encoding="utf-8") as f:
+        docs = f.read().split("\x1e")[:200]
+    tok = Tokenizer.train_from_iterator(iter(docs), 300)
+    rows = GOLDEN["rows"]["SpellingBee/train"][0]
+    ids, mask = tok.render_conversation(rows)
+    python_start = tok.encode_special("<|python_start|>")
+    output_start = tok.encode_special("<|output_start|>")
+    assert mask[ids.index(python_start)] == 1 and mask[ids.index(output_start)] == 0
+    spelled = GOLDEN["rows"]["SimpleSpelling/train"][0]
+    ids, mask = tok.render_conversation(spelled)
+    supervised = [i for i, m in zip(ids, mask, strict=True) if m][:-1]
+    assert tok.decode(supervised) == spelled["messages"][1]["content"]
+
+
+def test_word_list_lines_are_stripped(tmp_path):
+    path = tmp_path / "w.txt"
+    path.write_bytes(b"apple\r\n  pear \n\nplum\n")
+    assert load_words(path) == ["apple", "pear", "", "plum"]  # blank lines kept, as nanochat
+    path.write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no words"):
+        load_words(path)
+
+
+def test_word_list_is_downloaded_on_first_use(base_dir, monkeypatch):
+    body = b"alpha\r\nbeta\r\ngamma\r\n"
+    with FaultServer({"words_alpha.txt": body}, {"words_alpha.txt": ["500"]}) as server:
+        monkeypatch.setenv(hf_data.WORDS_FILE.url_env, f"{server.url}/words_alpha.txt")
+        monkeypatch.setattr(hf_data, "DownloadConfig", lambda: FAST)
+        task = SpellingBee(size=4)
+        assert server.requests["words_alpha.txt"] == [None, None]  # a 500, then the file
+        assert SimpleSpelling(size=4).words  # cached now: no more requests
+        assert len(server.requests["words_alpha.txt"]) == 2
+    assert task.words == ["alpha", "beta", "gamma"]
+    assert (base_dir / "task_data" / "words_alpha.txt").read_bytes() == body
+
+
+def test_offline_without_the_word_list_is_one_clear_error(base_dir):
+    with pytest.raises(TaskDataError) as info:
+        SpellingBee(size=4)
+    message = str(info.value)
+    assert "\n" not in message and "words_alpha.txt is not in" in message
+    assert "python -m nanochat_jax.hf_data words" in message
+    assert "python -m nanochat_jax.demo_tasks" in message
+    assert "NANOCHAT_JAX_WORDS_URL" in message
