@@ -12,6 +12,10 @@ internet. The content is simple enough for a tiny model to learn some of it:
   entry point) whose canonical solutions pass their tests.
 - SmolTalk: conversations about the standard library built from its docstrings ("What does
   `textwrap.dedent` do?"), plus small talk, arithmetic and capitals.
+- For nanochat's opt-in extras (tasks/mixtures.py): `words_alpha.txt`, a sorted list of a few
+  thousand lowercase words (the demo's real words plus generated English-looking ones) for
+  SpellingBee/SimpleSpelling, and `identity_conversations.jsonl`, conversations in which the
+  assistant says what it is (nanochat-jax), written here for the demo.
 
 Every dataset has its own seeded random.Random, so the output is the same on every run (for a
 given Python build: the docstrings come from it). A marker file (`task_data/.demo_tasks.json`)
@@ -37,7 +41,16 @@ from pathlib import Path
 import pyarrow as pa
 
 from nanochat_jax.common import atomic_write_text, get_logger
-from nanochat_jax.hf_data import DEMO_MARKER, SPLITS, get_split, task_data_dir, write_split
+from nanochat_jax.hf_data import (
+    DEMO_MARKER,
+    FILES,
+    IDENTITY_FILE,
+    SPLITS,
+    WORDS_FILE,
+    get_split,
+    task_data_dir,
+    write_split,
+)
 
 log = get_logger("nanochat_jax.demo_tasks")
 
@@ -54,6 +67,8 @@ class DemoTasksConfig:
     gsm8k: tuple[int, int] = (2000, 400)  # train, test
     smoltalk: tuple[int, int] = (2500, 250)  # train, test
     humaneval: int = 164
+    words: int = 3000  # words_alpha.txt
+    identity: int = 60  # identity_conversations.jsonl
 
     def rows(self, n: int) -> int:
         return max(1, round(n * self.scale))
@@ -831,6 +846,196 @@ def _smoltalk_rows(rng: random.Random, n_train: int, n_test: int) -> tuple[list,
     return rows[n_test:], rows[:n_test]
 
 
+# ---- word list (SpellingBee, SimpleSpelling) -------------------------------------------------
+
+# English-looking syllables: onset + vowel + coda, and common endings
+_ONSETS = (
+    "", "", "b", "bl", "br", "c", "ch", "cl", "cr", "d", "dr", "f", "fl", "fr", "g", "gl", "gr",
+    "h", "j", "k", "l", "m", "n", "p", "pl", "pr", "qu", "r", "s", "sc", "sh", "sl", "sm", "sn",
+    "sp", "st", "str", "sw", "t", "th", "tr", "v", "w", "wh", "y", "z",
+)  # fmt: skip
+_VOWELS = ("a", "e", "i", "o", "u", "a", "e", "i", "o", "ai", "ea", "ee", "oa", "oo", "ou", "ie")
+_CODAS = (
+    "", "", "", "b", "ck", "d", "ft", "g", "l", "ll", "m", "mp", "n", "nd", "ng", "nk", "nt", "p",
+    "r", "rd", "rk", "rn", "rt", "s", "sh", "ss", "st", "t", "th", "x",
+)  # fmt: skip
+_ENDINGS = (
+    "", "", "", "", "", "", "", "", "s", "s", "ed", "er", "ers", "ing", "ly", "ness", "ful",
+    "less", "able", "tion", "ment", "ish", "ous", "y",
+)  # fmt: skip
+_MORE_WORDS = (
+    "strawberry", "mississippi", "bookkeeper", "rhythm", "queue", "balloon", "committee",
+    "coffee", "letter", "parallel", "occurrence", "assessment", "necessary", "hippopotamus",
+)  # fmt: skip
+
+
+def _made_up_word(rng: random.Random) -> str:
+    """One to three syllables (inner ones end simply, "ban-dor"), maybe an ending."""
+    syllables = rng.choices((1, 2, 3), weights=(4, 5, 1))[0]
+    inner = "".join(
+        rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(("", "", "n", "r", "l", "s", "t"))
+        for _ in range(syllables - 1)
+    )
+    last = rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+    return inner + last + rng.choice(_ENDINGS)
+
+
+def _demo_words(rng: random.Random, n: int) -> list[str]:
+    """`n` distinct lowercase words, sorted like words_alpha.txt: the demo's real words first,
+    then made-up ones."""
+    real = [*WORDS, *COLORS, *ITEMS, *NOT_KEYWORDS, *PLURALS, *PLURALS.values(), *_MORE_WORDS]
+    real += [*SHAPES, *(x.lower() for x in (*DAYS, *MONTHS, *PLANETS))]
+    real += [w for pair in OPPOSITES for w in pair] + [w for ws in ANIMALS.values() for w in ws]
+    words = dict.fromkeys(w for w in real if w.isalpha())
+    while len(words) < n:
+        words.setdefault(_made_up_word(rng))
+    return sorted(list(words)[:n])
+
+
+# ---- identity conversations (CustomJSON) ------------------------------------------------------
+
+# (ways a user asks, what the assistant answers): the assistant knows what it is
+_IDENTITY_QA = [
+    (
+        ["Who are you?", "What are you?", "Introduce yourself.", "who r u"],
+        "I'm nanochat-jax, a small chat model. I was trained from scratch with nanochat-jax, a "
+        "JAX reimplementation of Andrej Karpathy's nanochat, and this copy of me is a tiny "
+        "offline demo.",
+    ),
+    (
+        ["What's your name?", "Do you have a name?", "What should I call you?"],
+        "You can call me nanochat-jax. The name comes from the project that trained me: "
+        "nanochat, rewritten in JAX.",
+    ),
+    (
+        ["Who made you?", "Who built you?", "Who created you?"],
+        "I was built with nanochat-jax, an open-source JAX port of nanochat, the minimal "
+        "end-to-end chat model project by Andrej Karpathy. Whoever ran its scripts trained me.",
+    ),
+    (
+        ["Are you ChatGPT?", "Are you Claude?", "Are you made by OpenAI?"],
+        "No. I'm nanochat-jax, a much smaller model trained with the nanochat-jax code. I'm not "
+        "a product of any large AI lab.",
+    ),
+    (
+        ["How were you trained?", "How did you learn to chat?"],
+        "In stages: first a tokenizer was trained, then I was pretrained on web text to predict "
+        "the next token, then midtrained and finetuned on conversations, and optionally "
+        "reinforced on math problems.",
+    ),
+    (
+        ["What is JAX?", "Why JAX?"],
+        "JAX is a Python library for array computing with automatic differentiation and XLA "
+        "compilation. nanochat-jax uses it, with Flax and Optax, to train me on CPUs, GPUs or "
+        "TPUs.",
+    ),
+    (
+        ["How big are you?", "How many parameters do you have?"],
+        "I'm small. The demo version of me has only a few million parameters, far fewer than "
+        "the large assistants you may know, so please check anything important I say.",
+    ),
+    (
+        ["What can you do?", "What are you good at?", "How can you help me?"],
+        "I can chat, answer simple questions, do some arithmetic with a calculator tool, spell "
+        "words and count letters in them. I'm a small model, so I make mistakes.",
+    ),
+    (
+        ["Can you count letters?", "How do you count letters in a word?"],
+        "Yes. I spell the word out letter by letter, count as I go, and then double check the "
+        "count with a small Python expression like 'banana'.count('a').",
+    ),
+    (
+        ["Can you use tools?", "Do you have a calculator?"],
+        "I can call a small Python calculator for arithmetic and for counting letters; its "
+        "answer is written back into our conversation.",
+    ),
+    (
+        ["Do you have feelings?", "Are you conscious?", "Are you alive?"],
+        "No. I'm a language model: I predict text one token at a time. I don't have feelings or "
+        "experiences.",
+    ),
+    (
+        ["Can you browse the internet?", "Do you know today's news?"],
+        "No, I can't browse the web, and I only know what was in my training data.",
+    ),
+    (
+        ["What languages do you speak?", "Do you speak French?"],
+        "I mostly speak English. I saw a little of other languages in training, but I'm not "
+        "reliable in them.",
+    ),
+    (
+        ["Are you open source?", "Can I see your code?"],
+        "Yes. The code that trained me, nanochat-jax, is open source, and so is nanochat, the "
+        "PyTorch project it follows.",
+    ),
+    (
+        ["Can I train my own version of you?", "How do I make a model like you?"],
+        "Yes! Run the nanochat-jax scripts: train the tokenizer, pretrain, midtrain, finetune, "
+        "then chat. The offline demo runs on a CPU in minutes; a real run needs GPUs.",
+    ),
+    (
+        ["Do you make mistakes?", "Can I trust your answers?"],
+        "I do make mistakes, and fairly often, since I'm a small model. Please double check "
+        "anything that matters.",
+    ),
+    (
+        ["What is nanochat?", "Tell me about nanochat."],
+        "nanochat is Andrej Karpathy's minimal, hackable project that trains a ChatGPT-like "
+        "model end to end on a budget. nanochat-jax, which trained me, reimplements it in JAX.",
+    ),
+    (
+        ["What is your architecture?", "What kind of model are you?"],
+        "I'm a decoder-only Transformer with rotary position embeddings, RMSNorm and a ReLU "
+        "squared MLP, trained with the Muon and AdamW optimizers, like nanochat's GPT.",
+    ),
+]
+_IDENTITY_GREETINGS = [
+    ("Hi!", "Hello! I'm nanochat-jax. What can I do for you?"),
+    ("Hello", "Hi there! I'm nanochat-jax, a small chat model. How can I help?"),
+    ("Hey, how are you?", "I'm a language model, so I'm always ready. How can I help you?"),
+]
+_IDENTITY_FOLLOW_UPS = [
+    ("Thanks!", "You're welcome!"),
+    ("Cool.", "Glad you think so! Anything else you'd like to know?"),
+    ("Interesting, thanks.", "My pleasure. Ask me anything else you like."),
+]
+
+
+def _identity_rows(rng: random.Random, n: int) -> list[list[dict]]:
+    """`n` distinct conversations: an optional greeting, one to three questions about the
+    assistant itself, an optional thanks; roles alternate, user first (CustomJSON's format)."""
+    rows: list[list[dict]] = []
+    seen: set[str] = set()
+    while len(rows) < n:
+        turns = [rng.choice(_IDENTITY_GREETINGS)] if rng.random() < 0.3 else []
+        for asks, answer in rng.sample(_IDENTITY_QA, rng.randint(1, 3)):
+            turns.append((rng.choice(asks), answer))
+        if rng.random() < 0.3:
+            turns.append(rng.choice(_IDENTITY_FOLLOW_UPS))
+        messages = []
+        for user, assistant in turns:
+            messages += [
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": assistant},
+            ]
+        key = json.dumps(messages)
+        if key not in seen:
+            seen.add(key)
+            rows.append(messages)
+    return rows
+
+
+def generate_files(cfg: DemoTasksConfig = DemoTasksConfig()) -> dict[str, str]:
+    """The extras' files, {file name in task_data/: text}; same config -> same text."""
+    words = _demo_words(random.Random(f"{cfg.seed}-words"), cfg.rows(cfg.words))
+    identity = _identity_rows(random.Random(f"{cfg.seed}-identity"), cfg.rows(cfg.identity))
+    return {
+        # CRLF like the real words_alpha.txt (readers strip each line)
+        WORDS_FILE.name: "".join(f"{w}\r\n" for w in words),
+        IDENTITY_FILE.name: "".join(json.dumps(m, ensure_ascii=False) + "\n" for m in identity),
+    }
+
+
 # ---- writing -----------------------------------------------------------------------------------
 
 _STR = pa.string()
@@ -921,30 +1126,45 @@ def write_demo_tasks(
     if marker_path.exists():
         old = json.loads(marker_path.read_text())
         if old.get("config") == marker["config"] and old.get("python") == marker["python"]:
-            if all(s.is_cached(base_dir) for s in SPLITS.values()):
+            cached = [*SPLITS.values(), *FILES.values()]
+            if all(item.is_cached(base_dir) for item in cached):
                 log.info("demo task data already in %s", root)
                 return old["rows"]
-    elif root.exists() and any(root.rglob("*.parquet")):
+    elif root.exists() and (
+        any(root.rglob("*.parquet")) or any(f.is_cached(base_dir) for f in FILES.values())
+    ):
         raise ValueError(
             f"{root} already holds downloaded task data (no {DEMO_MARKER}); demo data must not "
             "mix with it. Delete that directory or point NANOCHAT_JAX_BASE_DIR elsewhere."
         )
     start_s = time.monotonic()
     splits = generate(cfg)
+    files = generate_files(cfg)
     rows = {"/".join(key): len(value) for key, value in splits.items()}
+    rows.update({name: text.count("\n") for name, text in files.items()})
     # the marker goes first: a crash half-way leaves it with missing files -> rewritten next time
     atomic_write_text(marker_path, json.dumps({**marker, "rows": rows}, indent=1))
     for (repo, config, split), split_rows in splits.items():
         table = pa.Table.from_pylist(split_rows, schema=_schema(repo, config))
         write_split(get_split(repo, config, split), table, base_dir)
-    log.info("wrote %d demo splits to %s in %.1f s", len(splits), root, time.monotonic() - start_s)
+    for name, text in files.items():
+        atomic_write_text(root / name, text)
+    elapsed_s = time.monotonic() - start_s
+    log.info(
+        "wrote %d demo splits and %d files to %s in %.1f s",
+        len(splits),
+        len(files),
+        root,
+        elapsed_s,
+    )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Write small synthetic task datasets (ARC, MMLU, GSM8K, HumanEval, "
-        "SmolTalk) into <base_dir>/task_data for the offline demo."
+        "SmolTalk, and the word list and identity conversations of the opt-in extras) into "
+        "<base_dir>/task_data for the offline demo."
     )
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every split's size")
     parser.add_argument("--seed", type=int, default=42)

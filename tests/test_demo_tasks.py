@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import keyword
 import re
 from pathlib import Path
@@ -267,6 +268,7 @@ def test_cli(tmp_path, monkeypatch, capsys):
     assert (
         "40  openai/gsm8k/main/train" in out and "HuggingFaceTB/smol-smoltalk/default/test" in out
     )
+    assert "60  words_alpha.txt" in out and "1  identity_conversations.jsonl" in out
     with pytest.raises(SystemExit):
         demo_tasks.main(["--scale", "0"])
     (tmp_path / "real").mkdir()
@@ -277,3 +279,61 @@ def test_cli(tmp_path, monkeypatch, capsys):
     )
     assert demo_tasks.main([]) == 2
     assert "error: " in capsys.readouterr().err
+
+
+# ---- the opt-in extras' files: word list, identity conversations -----------------------------
+
+
+def test_extra_files_load_through_the_tasks(demo, tok):
+    from nanochat_jax.engine import use_calculator
+    from nanochat_jax.tasks import CustomJSON, SimpleSpelling, SpellingBee
+
+    raw = (demo / "task_data" / "words_alpha.txt").read_bytes()
+    assert raw.endswith(b"\r\n") and raw.count(b"\r\n") == CFG.words == 3000  # CRLF, as real
+    words = raw.decode().split()
+    assert words == sorted(set(words)) and all(re.fullmatch(r"[a-z]+", w) for w in words)
+    assert {"strawberry", "banana", "mississippi"} <= set(words)
+    assert 6 < sum(map(len, words)) / len(words) < 11  # English-like lengths
+    hf_data.verify_word_list(demo / "task_data" / "words_alpha.txt")
+
+    bee = SpellingBee(size=200, split="test")
+    assert bee.words == words
+    for conversation in bee:
+        parts = conversation["messages"][1]["content"]
+        assert str(use_calculator(parts[2]["text"])) == parts[3]["text"]
+        assert bee.reward(conversation, parts[-1]["text"]) == 1.0
+    assert len(SimpleSpelling(size=50)) == 50
+
+    identity = CustomJSON(demo / "task_data" / "identity_conversations.jsonl")
+    assert len(identity) == CFG.identity == 60
+    texts = [json.dumps(c["messages"]) for c in identity]
+    assert len(set(texts)) == 60 and sum("nanochat-jax" in t for t in texts) > 30
+    hf_data.verify_conversations(demo / "task_data" / "identity_conversations.jsonl")
+    ids, mask = tok.render_conversation(identity[0])
+    assert sum(mask) > 0
+
+
+def test_extra_files_are_deterministic_and_scale():
+    cfg = DemoTasksConfig(scale=0.1)
+    assert demo_tasks.generate_files(cfg) == demo_tasks.generate_files(cfg)
+    files = demo_tasks.generate_files(cfg)
+    assert files["words_alpha.txt"].count("\r\n") == 300
+    assert files["identity_conversations.jsonl"].count("\n") == 6
+    other = demo_tasks.generate_files(DemoTasksConfig(scale=0.1, seed=7))
+    assert other["identity_conversations.jsonl"] != files["identity_conversations.jsonl"]
+
+
+def test_extra_files_markers(tmp_path):
+    cfg = DemoTasksConfig(scale=0.02)
+    rows = write_demo_tasks(cfg, tmp_path)
+    assert rows["words_alpha.txt"] == 60 and rows["identity_conversations.jsonl"] == 1
+    words = tmp_path / "task_data" / "words_alpha.txt"
+    words.unlink()  # demo data from before the extras (or a lost file) -> written again
+    assert write_demo_tasks(cfg, tmp_path) == rows and words.is_file()
+
+    # a downloaded word list alone (no marker) is downloaded data: demo data must not mix in
+    real = tmp_path / "real" / "task_data"
+    real.mkdir(parents=True)
+    (real / "words_alpha.txt").write_text("apple\n")
+    with pytest.raises(ValueError, match="already holds downloaded task data"):
+        write_demo_tasks(cfg, tmp_path / "real")
