@@ -3,9 +3,11 @@
     python -m scripts.chat_sft                                   # from the largest mid model
     python -m scripts.chat_sft --source=base --mesh=8
 
-One epoch over ARC-Easy + ARC-Challenge + GSM8K + 10K SmolTalk rows, each conversation its own
-row, padded per micro-batch; only the assistant's tokens are supervised. lr = nanochat's base
-lrs * init_lr_frac (0.02), decaying linearly to 0; Muon momentum 0.95; no clipping. Rows vary in
+One epoch over ARC-Easy + ARC-Challenge + GSM8K + 10K SmolTalk rows (nanochat 2bc521a; with
+--extra_tasks=identity,spelling also nanochat's later identity conversations and 300 + 300
+SimpleSpelling/SpellingBee rows, see tasks/mixtures.py), each conversation its own row,
+padded per micro-batch; only the assistant's tokens are supervised. lr = nanochat's base lrs *
+init_lr_frac (0.02), decaying linearly to 0; Muon momentum 0.95; no clipping. Rows vary in
 length, so each step pads to a length bucket (a power of two from --min_bucket_len up to
 --max_seq_len: 256, 512, 1024, 2048 by default) and one step is compiled per bucket, when first
 needed; the validation batches are all padded to one length (one compilation). Validation loss
@@ -68,21 +70,18 @@ class ChatSFTConfig:
     mesh: str = "1"
     remat: str = "none"
     log_every: int = 1
+    # nanochat's later additions to the mixture (tasks.mixtures): "identity", "spelling"
+    extra_tasks: str = ""  # comma-separated; "" = 2bc521a's mixture
+    spelling_rows: str = ""  # "SIMPLE,BEE" rows of SimpleSpelling, SpellingBee; "" = 300,300
 
 
-def load_mixtures():
-    """nanochat's (train, val) datasets for SFT."""
-    from nanochat_jax.tasks import ARC, GSM8K, SmolTalk, TaskMixture
+def load_mixtures(
+    extra: tuple[str, ...] = (), spelling_rows: tuple[int, int] | None = None
+) -> tuple[Any, Any]:
+    """nanochat's (train, val) datasets for SFT, with the opt-in extras (tasks.mixtures)."""
+    from nanochat_jax.tasks.mixtures import sft_mixtures
 
-    train_ds = TaskMixture(
-        [
-            ARC(subset="ARC-Easy", split="train"),  # 2.3K rows
-            ARC(subset="ARC-Challenge", split="train"),  # 1.1K rows
-            GSM8K(subset="main", split="train"),  # 8K rows
-            SmolTalk(split="train", stop=10_000),  # 10K rows of general conversations
-        ]
-    )
-    return train_ds, SmolTalk(split="test")
+    return sft_mixtures(extra, spelling_rows)
 
 
 def load_metric_tasks() -> dict[str, Any]:
@@ -104,10 +103,26 @@ def rank_losses(nll_BT: jax.Array, targets_BT: jax.Array, world_size: int) -> ja
     return jnp.sum(nll_RN, axis=1) / jnp.maximum(jnp.sum(valid_RN, axis=1), 1)
 
 
-def _check(cfg: ChatSFTConfig) -> None:
-    """Every flag, before any work: one error line for the first bad one."""
+def _check(cfg: ChatSFTConfig) -> tuple[tuple[str, ...], tuple[int, int] | None]:
+    """Every flag, before any work: one error line for the first bad one. Returns the parsed
+    --extra_tasks and --spelling_rows."""
+    from nanochat_jax.tasks.mixtures import parse_extra_tasks, parse_spelling_rows
+
     if cfg.source not in ("base", "mid"):
         sys.exit(f"error: --source must be base or mid, got {cfg.source!r}")
+    try:
+        extra = parse_extra_tasks(cfg.extra_tasks)
+    except ValueError as e:
+        sys.exit(f"error: --extra_tasks: {e}")
+    try:
+        spelling_rows = parse_spelling_rows(cfg.spelling_rows)
+    except ValueError as e:
+        sys.exit(f"error: --spelling_rows: {e}")
+    if spelling_rows is not None and "spelling" not in extra:
+        sys.exit(
+            f"error: --spelling_rows={cfg.spelling_rows} needs 'spelling' in --extra_tasks "
+            f"(got {cfg.extra_tasks!r})"
+        )
     positive = ("device_batch_size", "num_epochs", "target_examples_per_step", "eval_steps")
     positive += ("eval_metrics_max_problems", "max_seq_len", "min_bucket_len", "log_every")
     stage.check_flags(cfg, positive=positive)
@@ -116,11 +131,12 @@ def _check(cfg: ChatSFTConfig) -> None:
             "error: --step and --max_iterations must be >= -1 and --world_size >= 0, got "
             f"{cfg.step}, {cfg.max_iterations} and {cfg.world_size}"
         )
+    return extra, spelling_rows
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = stage.parse_config(ChatSFTConfig, argv, __doc__.split("\n\n")[0])
-    _check(cfg)
+    extra, spelling_rows = _check(cfg)
     mesh = stage.setup_devices(cfg.mesh)
     base_dir = get_base_dir()
     world = cfg.world_size or sharding.data_parallel_size(mesh)
@@ -148,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
             f"table ({config.rotary_seq_len} = 10 x its sequence_len)"
         )
     try:
-        train_ds, val_ds = load_mixtures()
+        train_ds, val_ds = load_mixtures(extra, spelling_rows)
     except (ImportError, OSError, ValueError) as e:
         sys.exit(f"error: cannot load the SFT tasks: {e}")
 

@@ -81,7 +81,7 @@ FLAGS = [
 
 
 def _use_tiny_tasks(mp):
-    mp.setattr(chat_sft, "load_mixtures", lambda: (TRAIN, VAL))
+    mp.setattr(chat_sft, "load_mixtures", lambda *extras: (TRAIN, VAL))
     tasks = {"mmlu_acc": _MultipleChoice(20), "arc_easy_acc": _MultipleChoice(12)}
     mp.setattr(chat_sft, "load_metric_tasks", lambda: tasks)
 
@@ -236,11 +236,11 @@ def test_clear_errors(base, monkeypatch):
     with pytest.raises(SystemExit, match="leave no iteration to run"):
         chat_sft.main([*FLAGS, "--target_examples_per_step=128"])
 
-    monkeypatch.setattr(chat_sft, "load_mixtures", lambda: (TRAIN, VAL[:3]))
+    monkeypatch.setattr(chat_sft, "load_mixtures", lambda *extras: (TRAIN, VAL[:3]))
     with pytest.raises(SystemExit, match="the dataset has 3 conversations, fewer than the 4 ranks"):
         chat_sft.main([*FLAGS, "--device_batch_size=1", "--world_size=4"])
 
-    def missing():
+    def missing(*extras):
         raise FileNotFoundError("no task data in task_data/: run python -m nanochat_jax.demo_tasks")
 
     monkeypatch.setattr(chat_sft, "load_mixtures", missing)
@@ -273,7 +273,7 @@ def test_default_mixtures_and_metrics_on_offline_demo_tasks(base_template, tmp_p
     assert meta["arc_easy_acc"] in {i / 8 for i in range(9)}
 
 
-def _no_data():
+def _no_data(*extras):
     raise AssertionError("a bad flag must be reported before any data is loaded")
 
 
@@ -299,6 +299,10 @@ def _no_data():
         (["--world_size=-1"], "--world_size >= 0"),
         (["--max_seq_len=1000"], "exceeds the base model's rotary table (640"),
         (["--model_tag=d7"], "d7"),
+        (["--extra_tasks=identity,spell"], "--extra_tasks: unknown extra task(s) ['spell']"),
+        (["--extra_tasks=identity,identity"], "--extra_tasks: extra tasks repeat a name"),
+        (["--extra_tasks=spelling", "--spelling_rows=20"], "--spelling_rows: spelling rows must"),
+        (["--spelling_rows=20,20"], "--spelling_rows=20,20 needs 'spelling' in --extra_tasks"),
     ],
 )
 def test_bad_flags_are_one_error_line_before_any_work(base, monkeypatch, flags, message):
@@ -318,3 +322,33 @@ def test_tokenizer_of_another_vocab_is_one_error_line(base):
     text = str(info.value)
     assert text.startswith("error: the tokenizer in ") and str(base / "tokenizer") in text
     assert "has 280 tokens, but base model d1 step 0" in text and "vocab_size 300" in text
+
+
+def test_extra_tasks_on_offline_demo_tasks(base_template, tmp_path, monkeypatch):
+    """--extra_tasks=identity,spelling: nanochat's later SFT mixture (identity conversations,
+    SimpleSpelling + SpellingBee; here 20 + 20 rows) on the offline demo data."""
+    base = tmp_path / "base"
+    shutil.copytree(base_template, base)
+    monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(base))
+    monkeypatch.setenv("NANOCHAT_JAX_HF_URL", "http://127.0.0.1:9")  # tests never download
+    cfg = DemoTasksConfig(scale=0.05)
+    write_demo_tasks(cfg, base)
+    default_rows = len(chat_sft.load_mixtures()[0])
+    loaded = []
+    real_load = chat_sft.load_mixtures
+
+    def recording_load(*args):
+        loaded.append(args)
+        train_ds, val_ds = real_load(*args)
+        loaded.append([type(t).__name__ for t in train_ds.tasks])
+        return train_ds, val_ds
+
+    monkeypatch.setattr(chat_sft, "load_mixtures", recording_load)
+    flags = [*FLAGS, "--max_iterations=2", "--eval_metrics_every=-1"]
+    chat_sft.main([*flags, "--extra_tasks=identity,spelling", "--spelling_rows=20,20"])
+    assert loaded[0] == (("identity", "spelling"), (20, 20))
+    assert loaded[1][-3:] == ["CustomJSON", "SimpleSpelling", "SpellingBee"]
+    rows = default_rows + cfg.rows(cfg.identity) + 40
+    report = (base / "report" / "chat-sft.md").read_text()
+    assert f"- Training rows: {rows}" in report and "- extra_tasks: identity,spelling" in report
+    assert checkpoint.read_meta(base / "chatsft_checkpoints" / "d1")["step"] == 1
