@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nanochat_jax import checkpoint, sharding
-from nanochat_jax.common import get_base_dir, get_logger
+from nanochat_jax.common import enable_compilation_cache, get_base_dir, get_logger
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.model import GPT, REMAT_POLICIES
 
@@ -37,7 +37,8 @@ SAMPLE_PROMPTS = (
 
 
 def setup_devices(mesh_spec: str) -> jax.sharding.Mesh:
-    """Multi-host start-up, GPU performance flags, then the mesh. Call before any JAX work."""
+    """Multi-host start-up, GPU performance flags, the mesh, then the persistent compilation
+    cache (common.enable_compilation_cache: <base dir>/jax_cache). Call before any JAX work."""
     sharding.maybe_initialize_distributed()
     if os.environ.get("JAX_PLATFORMS", "") != "cpu":
         from nanochat_jax.train import configure_gpu_performance
@@ -47,6 +48,7 @@ def setup_devices(mesh_spec: str) -> jax.sharding.Mesh:
         mesh = sharding.make_mesh(mesh_spec)
     except ValueError as e:  # a bad --mesh: one line, not a traceback
         raise SystemExit(f"error: {e}") from None
+    enable_compilation_cache()  # after the mesh check: a bad --mesh leaves nothing on disk
     log.info("mesh %s on %d %s device(s)", dict(mesh.shape), mesh.size, jax.devices()[0].platform)
     return mesh
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 from nanochat_jax import checkpoint, stage
 from nanochat_jax.chat import stream_reply
-from nanochat_jax.common import get_logger
+from nanochat_jax.common import enable_compilation_cache, get_logger
 from nanochat_jax.engine import Engine
 from nanochat_jax.model import GPT
 from nanochat_jax.tokenizer import Tokenizer, get_tokenizer
@@ -83,6 +83,7 @@ def load_chat_model(args: argparse.Namespace) -> tuple[GPT, Tokenizer, dict]:
             f"error: no {args.source} model tagged {args.model_tag!r}; "
             f"available: {', '.join(checkpoint.list_model_tags(args.source))}"
         )
+    enable_compilation_cache()  # no stage.setup_devices here (no mesh): cache prefill/decode
     try:
         tokenizer = get_tokenizer()
         model, meta = stage.load_model(

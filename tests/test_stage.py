@@ -35,6 +35,16 @@ def test_bad_mesh_is_one_error_line(spec):
     assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
 
 
+def test_setup_devices_turns_the_compilation_cache_on_after_the_mesh(monkeypatch):
+    calls = []
+    monkeypatch.setattr(stage, "enable_compilation_cache", lambda: calls.append(1))
+    with pytest.raises(SystemExit):
+        stage.setup_devices("16")  # a bad --mesh: nothing written anywhere
+    assert calls == []
+    assert stage.setup_devices("1").size == 1
+    assert calls == [1]
+
+
 def test_sampler_survives_a_donating_train_step(tmp_path):
     """Training hands the sampler state.model(), whose arrays the next (donating) train step
     deletes: the sampler must keep working and sample the new weights."""
