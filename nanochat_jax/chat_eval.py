@@ -1,6 +1,13 @@
 """Chat evaluation (nanochat's scripts/chat_eval.py, the library half): accuracy of a chat model
 on a task, and the ChatCORE metric.
 
+Tasks: the five of nanochat 2bc521a (tasks.TASK_NAMES, the default) and SpellingBee (nanochat
+8892470, tasks.EXTRA_TASK_NAMES: 256 test problems, generative, random baseline 0), evaluated
+only when named. ChatCORE (`chatcore_metric`) is the mean centered accuracy
+(acc - baseline) / (1 - baseline) over every evaluated task, reported only when all five default
+tasks were evaluated: over those five (2bc521a's metric), or over six when SpellingBee was
+evaluated too (8892470's metric, which requires all six).
+
 Categorical tasks (ARC, MMLU): no sampling. Each prompt is rendered up to <|assistant_start|>,
 a batch is right-padded with <|bos|>, one forward, and at each row's last prompt position the
 logits of the allowed answer letters are compared; the largest is the answer. Attention is
@@ -11,12 +18,12 @@ mesh the batch is split over its data-parallel devices (nanochat strides batches
 the next batch is dispatched before the current one's logits are read, so the host's rendering
 overlaps the devices' forward.
 
-Generative tasks (GSM8K, HumanEval): `generate_batch` with `num_samples` samples per problem
-(nanochat's default seed 42 for each), the tokens after the prompt decoded and graded; a problem
-passes if any sample passes (pass@num_samples). Given an `EnginePool`, the problems are spread
-over its replicas, one per device (nanochat strides them over its ranks); each problem's answer
-is the same as a single Engine's. Grading runs in a thread pool while later problems are
-generated, so HumanEval's sandboxed programs overlap with decoding.
+Generative tasks (GSM8K, HumanEval, SpellingBee): `generate_batch` with `num_samples` samples
+per problem (nanochat's default seed 42 for each), the tokens after the prompt decoded and
+graded; a problem passes if any sample passes (pass@num_samples). Given an `EnginePool`, the
+problems are spread over its replicas, one per device (nanochat strides them over its ranks);
+each problem's answer is the same as a single Engine's. Grading runs in a thread pool while
+later problems are generated, so HumanEval's sandboxed programs overlap with decoding.
 
 nanochat all-reduces its ranks' counts; with JAX's single controller one process drives every
 device and counts everything itself.
@@ -39,13 +46,16 @@ from flax import nnx
 from nanochat_jax import sharding
 from nanochat_jax.chat import sample_answers
 from nanochat_jax.engine import Engine, EnginePool, length_bucket
-from nanochat_jax.tasks import TASK_NAMES, get_task
+from nanochat_jax.tasks import EXTRA_TASK_NAMES, TASK_NAMES, get_task
 
 # A random letter is right one time in four on these; a random answer never is on the others
-# (GSM8K, HumanEval; nanochat's SpellingBee too).
+# (GSM8K, HumanEval, SpellingBee).
 _FOUR_CHOICE_TASKS = frozenset({"ARC-Easy", "ARC-Challenge", "MMLU"})
-# ChatCORE's random-guess baselines, in chat_eval's default task order (tasks.TASK_NAMES).
-BASELINE_ACCURACY = {name: 0.25 if name in _FOUR_CHOICE_TASKS else 0.0 for name in TASK_NAMES}
+# ChatCORE's random-guess baselines of every task chat_eval knows, in nanochat's order: the
+# default tasks (tasks.TASK_NAMES), then the extras (tasks.EXTRA_TASK_NAMES).
+BASELINE_ACCURACY = {
+    name: 0.25 if name in _FOUR_CHOICE_TASKS else 0.0 for name in (*TASK_NAMES, *EXTRA_TASK_NAMES)
+}
 
 
 class TaskLike(Protocol):
@@ -57,16 +67,17 @@ class TaskLike(Protocol):
 
 
 def load_task(task_name: str) -> TaskLike:
-    """The test split of one of chat_eval's tasks (tasks.TASK_NAMES; data read here)."""
+    """The test split of one of chat_eval's tasks (BASELINE_ACCURACY's; data read here)."""
     if task_name not in BASELINE_ACCURACY:
         raise ValueError(f"unknown task {task_name!r}; allowed: {', '.join(BASELINE_ACCURACY)}")
     return get_task(task_name, split="test")
 
 
 def chatcore_metric(accuracies: dict[str, float]) -> float | None:
-    """Mean over the tasks of (acc - baseline) / (1 - baseline), or None unless all of
-    chat_eval's default tasks were evaluated (nanochat reports it only then)."""
-    if not all(name in accuracies for name in BASELINE_ACCURACY):
+    """Mean over the evaluated tasks of (acc - baseline) / (1 - baseline), or None unless all
+    of chat_eval's default tasks (TASK_NAMES) were evaluated (nanochat reports it only then).
+    An extra task evaluated too (SpellingBee) counts in the mean, as in nanochat 8892470."""
+    if not all(name in accuracies for name in TASK_NAMES):
         return None
     centered = [
         (acc - BASELINE_ACCURACY.get(name, 0.0)) / (1.0 - BASELINE_ACCURACY.get(name, 0.0))

@@ -3,10 +3,12 @@
     python -m scripts.chat_eval -i sft                          # all five tasks, and ChatCORE
     python -m scripts.chat_eval -i mid -a "ARC-Easy|GSM8K" -x 100
     python -m scripts.chat_eval -i sft -a HumanEval -n 10 -t 0.8   # pass@10
+    python -m scripts.chat_eval -i sft -a SpellingBee           # nanochat's later extra task
 
 ARC-Easy, ARC-Challenge and MMLU are multiple choice (the letter with the largest logit, no
-sampling); GSM8K and HumanEval generate answers (greedy by default) that are graded. ChatCORE,
-the mean accuracy above chance, is reported when all five ran. Results go to the console and to
+sampling); GSM8K, HumanEval and SpellingBee generate answers (greedy by default) that are
+graded. ChatCORE, the mean accuracy above chance, is reported when all five default tasks ran
+(over six when SpellingBee, only run when named, ran too). Results go to the console and to
 the report section "Chat evaluation <source>".
 
 Devices (`--mesh`, default: every local device, data parallel; `--mesh 1`: one device): the
@@ -27,6 +29,7 @@ from nanochat_jax import report, sharding, stage
 from nanochat_jax.chat_eval import BASELINE_ACCURACY, chatcore_metric, load_task, run_chat_eval
 from nanochat_jax.common import get_logger
 from nanochat_jax.hf_data import is_demo
+from nanochat_jax.tasks import TASK_NAMES
 
 log = get_logger("chat_eval")
 
@@ -40,7 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "-a",
         "--task-name",
         default=None,
-        help=f"tasks separated by '|' (default: all of {', '.join(BASELINE_ACCURACY)})",
+        help=f"tasks separated by '|', of {', '.join(BASELINE_ACCURACY)} (default: "
+        f"{', '.join(TASK_NAMES)})",
     )
     parser.add_argument(
         "-d",
@@ -81,10 +85,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def task_names(spec: str | None) -> list[str]:
-    """'|'-separated names -> the list; None -> all, in nanochat's order. SystemExit on an
-    unknown name."""
+    """'|'-separated names -> the list; None -> the five default tasks, in nanochat's order.
+    SystemExit on an unknown name."""
     if spec is None:
-        return list(BASELINE_ACCURACY)
+        return list(TASK_NAMES)
     names = [name.strip() for name in spec.split("|") if name.strip()]
     unknown = [name for name in names if name not in BASELINE_ACCURACY]
     if unknown or not names:
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = None
     if any(task.eval_type == "generative" for task in tasks.values()):
-        # one replica per device, shared so that GSM8K and HumanEval reuse the compilations
+        # one replica per device, shared so that the generative tasks reuse the compilations
         engine = EnginePool(model, tokenizer, devices=mesh.local_devices)
         log.info("generating on %d device(s)", len(engine))
     results: dict[str, float] = {}

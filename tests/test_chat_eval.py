@@ -23,6 +23,7 @@ from nanochat_jax.config import GPTConfig
 from nanochat_jax.engine import Engine, EnginePool
 from nanochat_jax.execution import execute_code
 from nanochat_jax.model import GPT
+from nanochat_jax.tasks import TASK_NAMES
 from nanochat_jax.tokenizer import Tokenizer
 from scripts import chat_eval as chat_eval_script
 
@@ -392,15 +393,16 @@ def test_progress_line(tokenizer, model, mc, capsys):
 
 
 def test_baselines_follow_the_task_names():
-    from nanochat_jax.tasks import TASK_NAMES
+    from nanochat_jax.tasks import EXTRA_TASK_NAMES
 
-    assert tuple(chat_eval.BASELINE_ACCURACY) == TASK_NAMES
+    assert tuple(chat_eval.BASELINE_ACCURACY) == (*TASK_NAMES, *EXTRA_TASK_NAMES)
     assert chat_eval.BASELINE_ACCURACY == {
         "ARC-Easy": 0.25,
         "ARC-Challenge": 0.25,
         "MMLU": 0.25,
         "GSM8K": 0.0,
         "HumanEval": 0.0,
+        "SpellingBee": 0.0,  # nanochat 8892470
     }
 
 
@@ -417,8 +419,12 @@ def test_chatcore_metric():
     at_chance = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0, "HumanEval": 0}
     assert chatcore_metric(at_chance) == 0.0
     assert chatcore_metric({k: 1.0 for k in at_chance}) == 1.0
+    # SpellingBee evaluated too: a mean over six (nanochat 8892470's ChatCORE)
+    with_bee = {**accuracies, "SpellingBee": 0.6}
+    assert math.isclose(chatcore_metric(with_bee), (5 * expected + 0.6) / 6, rel_tol=1e-12)
     del accuracies["HumanEval"]
     assert chatcore_metric(accuracies) is None
+    assert chatcore_metric({**accuracies, "SpellingBee": 0.6}) is None  # a default is missing
 
 
 # ---- the script ----------------------------------------------------------------------------
@@ -467,7 +473,8 @@ def test_script_all_tasks_and_report(demo_base, monkeypatch, capsys):
     for key, value in {"source": "sft", "task_name": "None", "max_problems": "6"}.items():
         assert items[key] == value
     assert items["Task data"] == "offline demo (not comparable with nanochat)"
-    accuracies = {name: float(items[name]) for name in chat_eval.BASELINE_ACCURACY}
+    accuracies = {name: float(items[name]) for name in TASK_NAMES}  # the default: five
+    assert "SpellingBee" not in items
     for name, acc in accuracies.items():
         assert f"{name} accuracy: " in out
         assert acc * 6 == pytest.approx(round(acc * 6), abs=1e-3)  # k of 6 problems passed
@@ -487,9 +494,48 @@ def test_script_all_tasks_and_report(demo_base, monkeypatch, capsys):
     assert set(items) & set(chat_eval.BASELINE_ACCURACY) == {"ARC-Easy", "MMLU"}
 
 
+def test_script_spelling_bee(demo_base, monkeypatch, capsys):
+    """-a SpellingBee: generative, on the demo word list; alone no ChatCORE, with the five
+    default tasks a ChatCORE over six."""
+    from nanochat_jax.tasks import get_task
+
+    monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(demo_base))
+    task = get_task("SpellingBee")
+    assert len(task) == 256 and task.split == "test" and task.eval_type == "generative"
+    assert chat_eval_script.main(["-i", "sft", "-a", "SpellingBee", "-x", "3", "-m", "8"]) == 0
+    text, items = report_items(demo_base)
+    assert "SpellingBee accuracy: " in capsys.readouterr().out
+    assert float(items["SpellingBee"]) in {0.0, 1 / 3, 2 / 3, 1.0} and "ChatCORE" not in text
+    all_six = "ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval|SpellingBee"
+    argv = ["-i", "sft", "-a", all_six, "-x", "2", "-m", "8", "-b", "2", "--mesh", "1"]
+    assert chat_eval_script.main(argv) == 0
+    _, items = report_items(demo_base)
+    accuracies = {name: float(items[name]) for name in all_six.split("|")}
+    expected = chatcore_metric(accuracies)
+    assert float(items["ChatCORE metric"]) == pytest.approx(expected, abs=1e-4)
+    centered = [(a - chat_eval.BASELINE_ACCURACY[n]) / (1 - chat_eval.BASELINE_ACCURACY[n])
+                for n, a in accuracies.items()]  # fmt: skip
+    assert expected == pytest.approx(sum(centered) / 6)
+    # the default task list stays the five of 2bc521a
+    assert chat_eval_script.task_names(None) == list(TASK_NAMES)
+
+
+def test_spelling_bee_answers_are_graded(tokenizer, model, tmp_path):
+    """run_chat_eval's generative path grades SpellingBee replies with its evaluate()."""
+    from nanochat_jax.tasks import SpellingBee
+
+    (tmp_path / "words.txt").write_text("red\nmars\nwater\n")
+    task = SpellingBee(size=4, split="test", words_path=tmp_path / "words.txt")
+    graded = []
+    real = task.evaluate
+    task.evaluate = lambda c, r: graded.append(r) or real(c, r)
+    accuracy = run_chat_eval("SpellingBee", model, tokenizer, task=task, max_new_tokens=6)
+    assert accuracy == 0.0 and len(graded) == 4  # a random tiny model never writes "#### N"
+
+
 def test_script_errors(demo_base, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(demo_base))
-    with pytest.raises(SystemExit, match="unknown task 'SQuAD'; allowed: ARC-Easy, ARC-Challenge"):
+    with pytest.raises(SystemExit, match="unknown task 'SQuAD'; allowed: ARC-Easy, .*SpellingBee"):
         chat_eval_script.main(["-i", "sft", "-a", "ARC-Easy|SQuAD"])
     with pytest.raises(SystemExit, match="no mid checkpoint"):
         chat_eval_script.main(["-i", "mid", "-a", "ARC-Easy"])
