@@ -1,6 +1,6 @@
-"""nanochat_jax.tasks.mixtures: the default mid/SFT mixtures are 2bc521a's (mid_train's own
-load_mixtures), each extra adds nanochat's components in nanochat's order, flags parse or fail
-clearly. On the offline demo task data."""
+"""nanochat_jax.tasks.mixtures: the default mid/SFT mixtures are 2bc521a's, each extra adds
+nanochat's components in nanochat's order, flags parse or fail clearly. On the offline demo
+task data."""
 
 from __future__ import annotations
 
@@ -76,18 +76,33 @@ def test_parse_spelling_rows():
             parse_spelling_rows(bad)
 
 
-def test_default_mid_mixture_is_mid_trains(demo):
-    """extra=() is 2bc521a's mixture: the same rows in the same order as scripts/mid_train.py's
-    load_mixtures, which builds it itself until the lead wires it here."""
-    from scripts import mid_train
-
+def test_default_mid_mixture(demo):
+    """extra=() is 2bc521a's mixture (what scripts/mid_train.py's load_mixtures builds): the
+    same rows in the same order as nanochat's list."""
     train, val = mid_mixtures()
-    old_train, old_val = mid_train.load_mixtures()
-    assert kinds(train) == ["SmolTalk", "MMLU", "GSM8K"] == kinds(old_train)
-    assert kinds(val) == ["SmolTalk", "MMLU", "GSM8K"]
-    assert (len(train), len(val)) == (len(old_train), len(old_val))
-    assert rows(train, 200) == rows(old_train, 200) and rows(val, 200) == rows(old_val, 200)
+    expected_train = TaskMixture(
+        [
+            SmolTalk(split="train"),
+            MMLU(subset="auxiliary_train", split="train"),
+            GSM8K(subset="main", split="train"),
+        ]
+    )
+    expected_val = TaskMixture(
+        [
+            SmolTalk(split="test"),
+            MMLU(subset="all", split="test", stop=5200),
+            GSM8K(subset="main", split="test", stop=420),
+        ]
+    )
+    assert kinds(train) == ["SmolTalk", "MMLU", "GSM8K"] == kinds(val)
+    assert (len(train), len(val)) == (len(expected_train), len(expected_val))
+    assert rows(train, 300) == rows(expected_train, 300)
+    assert rows(val, 300) == rows(expected_val, 300)
     assert [t.stop for t in val.tasks] == [None, 5200, 420]
+    assert [(t.subset, t.split) for t in train.tasks[1:]] == [
+        ("auxiliary_train", "train"),
+        ("main", "train"),
+    ]
 
 
 def test_default_sft_mixture(demo):
