@@ -1,28 +1,36 @@
-"""The sharded, jitted train step shared by base, mid, SFT and RL training.
+"""The sharded, jitted train step shared by base, mid, SFT and RL training, and the host loop
+of base and mid training.
 
 The model is split once into (graphdef, params, rest) with nnx. The step is a pure function
 `step(params, opt_state, rest, inputs_ABT, targets_ABT) -> (params, opt_state, metrics)`, compiled
 ahead of time with explicit shardings and donated state, so it can never silently recompile.
 Gradients of the A micro-batches are accumulated inside the step with `lax.scan`.
+
+`TrainLoop` runs such a step for a number of steps: it dispatches each step, reads its metrics one
+step late (so the host never waits on the device), and evaluates, saves and logs on nanochat's
+cadence; the stage script supplies the data, the evaluations and the checkpoint contents.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nanochat_jax import sharding
+from nanochat_jax import sharding, stage
 from nanochat_jax.common import get_logger
 from nanochat_jax.config import GPTConfig
+from nanochat_jax.metrics import MetricsWriter, StepClock, flops_per_token
 from nanochat_jax.model import GPT
 
 log = get_logger(__name__)
@@ -77,6 +85,7 @@ class TrainState:
     mesh: Mesh
     param_shardings: Any
     opt_shardings: Any
+    config: GPTConfig
 
     def model(self) -> GPT:
         """The GPT with the current parameters (for eval, sampling, checkpoint export)."""
@@ -135,7 +144,9 @@ def init_train_state(
         )
         if opt_state is None:
             opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
-    state = TrainState(graphdef, params, rest, opt_state, mesh, param_shardings, opt_shardings)
+    state = TrainState(
+        graphdef, params, rest, opt_state, mesh, param_shardings, opt_shardings, config
+    )
     return state, optimizer
 
 
@@ -194,3 +205,160 @@ def make_train_step(
     shape = (accum_steps, micro_batch_size, sequence_len)
     batch = [jax.ShapeDtypeStruct(shape, dtype) for dtype in dtypes]
     return jitted.lower(state.params, state.opt_state, state.rest, *batch).compile()
+
+
+class LoopFlags(Protocol):
+    """The flags a stage's TrainLoop follows (base_train and mid_train share nanochat's names)."""
+
+    total_batch_size: int  # tokens per optimizer step
+    device_batch_size: int  # rows per micro-batch of one data-parallel rank
+    max_seq_len: int
+    eval_every: int  # validation bpb every N steps (<= 0: never, but see always_eval_last)
+    save_every: int  # also save every N steps after the (re)start (<= 0: only at the end)
+    log_every: int  # console line every N steps (and at the last); metrics files get every step
+    peak_flops: float  # per device, the MFU denominator
+
+
+@dataclasses.dataclass
+class Periodic:
+    """A host-side task run before step `s`, on the model trained for s steps: every `every`
+    steps (not at step 0) and at the last step; never when every <= 0 (nanochat's CORE metric
+    and samples). `run(step)` prints and writes its own results."""
+
+    every: int
+    run: Callable[[int], None]
+
+    def due(self, step: int, last_step: bool) -> bool:
+        return self.every > 0 and (last_step or (step > 0 and step % self.every == 0))
+
+
+@dataclasses.dataclass
+class LoopResult:
+    val_bpb: float | None  # the last validation bpb (None: never evaluated)
+    min_val_bpb: float  # inf: never evaluated
+    total_time_s: float  # training time, without the first 10 steps (StepClock)
+    mfu: float  # percent, of the last step
+
+    def final_line(self) -> str:
+        """The line nanochat prints when training is done."""
+        return (
+            f"Total training time: {self.total_time_s / 60:.2f}m; "
+            f"minimum validation bpb: {self.min_val_bpb:.4f}"
+        )
+
+
+@dataclasses.dataclass
+class TrainLoop:
+    """nanochat's training loop over steps start_step..steps_total, on the host.
+
+    When made, it compiles the train step (make_train_step) for steps of accum_steps
+    (grad_accum_steps of the flags) micro-batches of device_batch_size * world_size rows.
+
+    Before step s (and once more after the last, s = steps_total) it evaluates what is due on the
+    model trained for s steps: the validation bpb (every eval_every steps), then each `periodic`
+    task, then saves (every save_every steps after the (re)start, and at the end). Then it
+    dispatches step s and reads the metrics of step s - 1: the host never waits on the device
+    except where it evaluates or saves anyway. Each step's loss, smoothed loss, throughput, MFU,
+    lr multiplier and grad norm go to the writer; every log_every-th step also to the console as
+    nanochat's step line. A NaN/inf loss ends the run with one error line.
+    """
+
+    state: TrainState
+    optimizer: optax.GradientTransformation
+    flags: LoopFlags
+    writer: MetricsWriter
+    # (step, m) -> host (inputs_BT, targets_BT) of micro-batch m of that step, m = 0..accum-1
+    micro_batch: Callable[[int, int], tuple[np.ndarray, np.ndarray]]
+    world_size: int  # data-parallel ranks: a micro-batch has device_batch_size * world_size rows
+    steps_total: int
+    lrm_by_step: Sequence[float]  # each step's lr multiplier, logged (the optimizer has its own)
+    start_step: int = 0  # > 0 when resuming: the step of the restored checkpoint
+    val_bpb: Callable[[], float] | None = None  # the current model's validation bpb
+    always_eval_last: bool = False  # at the last step even when eval_every <= 0 (as mid_train)
+    periodic: Sequence[Periodic] = ()
+    save: Callable[[int, float | None], None] | None = None  # (step, last val bpb); None: never
+    # mid_train: each step's fraction of the data, shown instead of (step + 1) / steps_total and
+    # logged as train/progress; its line has no eta, as nanochat's
+    progress: Sequence[float] | None = None
+
+    def __post_init__(self):
+        flags = self.flags
+        self.accum_steps = grad_accum_steps(
+            flags.total_batch_size, flags.device_batch_size, flags.max_seq_len, self.world_size
+        )
+        self._step_fn = make_train_step(
+            self.state,
+            self.optimizer,
+            accum_steps=self.accum_steps,
+            micro_batch_size=flags.device_batch_size * self.world_size,
+            sequence_len=flags.max_seq_len,
+        )
+
+    def run(self) -> LoopResult:
+        flags, state = self.flags, self.state
+        clock = StepClock(
+            tokens_per_step=flags.total_batch_size,
+            flops_per_token=flops_per_token(state.config),
+            num_devices=state.mesh.size,
+            peak_flops_per_device=flags.peak_flops,
+            start_step=self.start_step,
+        )
+        val, min_val, pending = None, math.inf, None
+        for step in range(self.start_step, self.steps_total + 1):
+            last_step = step == self.steps_total
+            do_eval = self.val_bpb is not None and (
+                (last_step and self.always_eval_last)
+                or (flags.eval_every > 0 and (last_step or step % flags.eval_every == 0))
+            )
+            tasks = [task for task in self.periodic if task.due(step, last_step)]
+            periodic_save = flags.save_every > 0 and step % flags.save_every == 0
+            do_save = self.save is not None and (
+                last_step or (periodic_save and step > self.start_step)
+            )
+            if pending is not None and (do_eval or tasks or do_save or last_step):
+                self._log_step(clock, *pending)  # the host is about to wait for the device anyway
+                pending = None
+            if do_eval:
+                val = self.val_bpb()
+                min_val = min(min_val, val)
+                print(f"step {step:05d} | validation bpb: {val:.4f}", flush=True)
+                self.writer.scalars(step, {"val/bpb": val})
+            for task in tasks:
+                task.run(step)
+            if do_eval or tasks:
+                clock.restart()  # evaluation time is not training time
+            if do_save:
+                self.save(step, val)
+            if last_step:
+                break
+
+            micro = [self.micro_batch(step, m) for m in range(self.accum_steps)]
+            inputs, targets = (
+                sharding.shard_batch(np.stack([m[i] for m in micro]), state.mesh, leading_axes=1)
+                for i in (0, 1)
+            )
+            state.params, state.opt_state, metrics = self._step_fn(
+                state.params, state.opt_state, state.rest, inputs, targets
+            )
+            if pending is not None:
+                self._log_step(clock, *pending)
+            pending = (step, metrics)
+        return LoopResult(val, min_val, clock.total_time_s, clock.mfu)
+
+    def _log_step(self, clock: StepClock, step: int, metrics: dict) -> None:
+        """Host-side logging of a finished step (called one step late: never blocks the device)."""
+        loss = float(metrics["loss"])
+        stage.check_loss(loss, step)
+        s = clock.tick(step, loss)
+        lrm = float(self.lrm_by_step[step])
+        total = self.steps_total
+        if self.progress is None:
+            progress, extra = (step + 1) / total, {}
+        else:
+            progress = self.progress[step]
+            extra = {"train/progress": float(progress)}
+        if step % self.flags.log_every == 0 or step == total - 1:
+            eta_s = clock.eta_s(step, total) if self.progress is None else None
+            print(s.console_line(step, total, progress, lrm, eta_s), flush=True)
+        scalars = {**s.scalars(), "train/lrm": lrm, **extra}
+        self.writer.scalars(step, {**scalars, "train/grad_norm": float(metrics["grad_norm"])})

@@ -26,13 +26,7 @@ from nanochat_jax.config import GPTConfig
 from nanochat_jax.core_eval import evaluate_core
 from nanochat_jax.eval_bundle import bundle_dir, validate_bundle
 from nanochat_jax.loss_eval import evaluate_bpb
-from nanochat_jax.metrics import (
-    H100_BF16_PEAK_FLOPS,
-    MetricsWriter,
-    StepClock,
-    flops_per_token,
-    param_count,
-)
+from nanochat_jax.metrics import H100_BF16_PEAK_FLOPS, MetricsWriter, flops_per_token, param_count
 from nanochat_jax.model import GPT
 from nanochat_jax.tokenizer import get_token_bytes, get_tokenizer
 
@@ -173,13 +167,6 @@ def main(argv: list[str] | None = None) -> None:
         start_step = restored.step
         log.info("resumed from step %d of %s", start_step, ckpt_dir)
 
-    step_fn = train.make_train_step(
-        state,
-        optimizer,
-        accum_steps=accum,
-        micro_batch_size=cfg.device_batch_size * dp,
-        sequence_len=cfg.max_seq_len,
-    )
     writer = MetricsWriter(base_dir / "runs" / model_tag / "base")
     eval_steps = max(1, cfg.eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * dp))
 
@@ -206,88 +193,44 @@ def main(argv: list[str] | None = None) -> None:
             meta=meta,
         )
 
-    min_val_bpb, val, core_metric, pending = float("inf"), None, None, None
     sampler = stage.Sampler(tokenizer)
-    clock = StepClock(
-        tokens_per_step=cfg.total_batch_size,
-        flops_per_token=flops_per_tok,
-        num_devices=mesh.size,
-        peak_flops_per_device=cfg.peak_flops,
-        start_step=start_step,
-    )
+    core_metric = None
 
-    def log_step(step, metrics):
-        """Host-side logging of a finished step (called one step late: never blocks the device)."""
-        loss = float(metrics["loss"])
-        stage.check_loss(loss, step)
-        s = clock.tick(step, loss)
-        lrm = float(lrm_by_step[step])
-        if step % cfg.log_every == 0 or step == steps_total - 1:
-            progress = (step + 1) / steps_total
-            eta_s = clock.eta_s(step, steps_total)
-            print(s.console_line(step, steps_total, progress, lrm, eta_s), flush=True)
-        writer.scalars(
-            step,
-            {
-                **s.scalars(),
-                "train/lrm": lrm,
-                "train/grad_norm": float(metrics["grad_norm"]),
-            },
+    def core(step: int) -> None:
+        nonlocal core_metric
+        results = evaluate_core(
+            state.model(), tokenizer, core_bundle, max_per_task=cfg.core_metric_max_per_task
         )
+        core_metric = results["core_metric"]
+        print(f"step {step:05d} | CORE metric: {core_metric:.4f}", flush=True)
+        centered = {f"centered_results/{k}": v for k, v in results["centered_results"].items()}
+        writer.scalars(step, {"core_metric": core_metric, **centered})
 
+    def sample(step: int) -> None:
+        samples = sampler(state.model())
+        for text in samples:
+            print(text, flush=True)
+        writer.text(step, "samples", "\n\n".join(samples))
+
+    loop = train.TrainLoop(
+        state,
+        optimizer,
+        cfg,
+        writer,
+        micro_batch=lambda step, m: next(train_loader),  # in the loader's (restored) order
+        world_size=dp,
+        steps_total=steps_total,
+        lrm_by_step=lrm_by_step,
+        start_step=start_step,
+        val_bpb=val_bpb,
+        periodic=[  # after the val bpb, in nanochat's order
+            train.Periodic(cfg.core_metric_every if core_bundle is not None else -1, core),
+            train.Periodic(cfg.sample_every, sample),
+        ],
+        save=save,
+    )
     try:
-        for step in range(start_step, steps_total + 1):
-            last_step = step == steps_total
-            do_eval = cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0)
-            do_core = core_bundle is not None and (
-                last_step or (step > 0 and step % cfg.core_metric_every == 0)
-            )
-            do_sample = cfg.sample_every > 0 and (
-                last_step or (step > 0 and step % cfg.sample_every == 0)
-            )
-            do_save = last_step or (
-                cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0
-            )
-            if pending is not None and (do_eval or do_core or do_sample or do_save):
-                log_step(*pending)  # the host is about to wait for the device anyway
-                pending = None
-            if do_eval:
-                val = val_bpb()
-                min_val_bpb = min(min_val_bpb, val)
-                print(f"step {step:05d} | validation bpb: {val:.4f}", flush=True)
-                writer.scalars(step, {"val/bpb": val})
-            if do_core:
-                core = evaluate_core(
-                    state.model(),
-                    tokenizer,
-                    core_bundle,
-                    max_per_task=cfg.core_metric_max_per_task,
-                )
-                core_metric = core["core_metric"]
-                print(f"step {step:05d} | CORE metric: {core_metric:.4f}", flush=True)
-                centered = {f"centered_results/{k}": v for k, v in core["centered_results"].items()}
-                writer.scalars(step, {"core_metric": core_metric, **centered})
-            if do_sample:
-                samples = sampler(state.model())
-                for text in samples:
-                    print(text, flush=True)
-                writer.text(step, "samples", "\n\n".join(samples))
-            if do_eval or do_core or do_sample:
-                clock.restart()  # evaluation time is not training time
-            if do_save:
-                save(step, val)
-            if last_step:
-                break
-
-            micro = [next(train_loader) for _ in range(accum)]
-            inputs = sharding.shard_batch(np.stack([m[0] for m in micro]), mesh, leading_axes=1)
-            targets = sharding.shard_batch(np.stack([m[1] for m in micro]), mesh, leading_axes=1)
-            state.params, state.opt_state, metrics = step_fn(
-                state.params, state.opt_state, state.rest, inputs, targets
-            )
-            if pending is not None:
-                log_step(*pending)
-            pending = (step, metrics)
+        result = loop.run()
     finally:  # also on errors and Ctrl-C: let an async save finish
         ckpt.close()
         writer.close()
@@ -309,19 +252,16 @@ def main(argv: list[str] | None = None) -> None:
                 "final_lr_frac": cfg.final_lr_frac,
             },
             {
-                "Minimum validation bpb": min_val_bpb,
-                "Final validation bpb": val,
+                "Minimum validation bpb": result.min_val_bpb,
+                "Final validation bpb": result.val_bpb,
                 "CORE metric estimate": core_metric,
-                "MFU %": f"{clock.mfu:.2f}%",
+                "MFU %": f"{result.mfu:.2f}%",
                 "Total training flops": f"{total_flops:e}",
-                "Total training time": f"{clock.total_time_s / 60:.2f}m",
+                "Total training time": f"{result.total_time_s / 60:.2f}m",
             },
         ],
     )
-    print(
-        f"Total training time: {clock.total_time_s / 60:.2f}m; "
-        f"minimum validation bpb: {min_val_bpb:.4f}"
-    )
+    print(result.final_line())
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from nanochat_jax import checkpoint, optim, report, sharding, stage, train
 from nanochat_jax.chat_data import MidTrainData, mid_val_batches, render_all
 from nanochat_jax.common import get_base_dir, get_logger
 from nanochat_jax.loss_eval import evaluate_bpb
-from nanochat_jax.metrics import H100_BF16_PEAK_FLOPS, MetricsWriter, StepClock, flops_per_token
+from nanochat_jax.metrics import H100_BF16_PEAK_FLOPS, MetricsWriter
 from nanochat_jax.tokenizer import get_token_bytes, get_tokenizer
 
 log = get_logger("mid_train")
@@ -221,17 +221,9 @@ def main(argv: list[str] | None = None) -> None:
         "loaded base model %s step %d from %s", model_tag, source.meta["step"], source.directory
     )
 
-    step_fn = train.make_train_step(
-        state,
-        optimizer,
-        accum_steps=accum,
-        micro_batch_size=cfg.device_batch_size * world,
-        sequence_len=cfg.max_seq_len,
-    )
     writer = MetricsWriter(base_dir / "runs" / model_tag / "mid")
     tokens_per_micro = cfg.device_batch_size * cfg.max_seq_len * world
     eval_steps = max(1, cfg.eval_tokens // tokens_per_micro)
-    flops_per_tok = flops_per_token(config)
     val_cache: list[tuple[np.ndarray, np.ndarray]] = []
 
     def val_bpb() -> float:
@@ -253,85 +245,38 @@ def main(argv: list[str] | None = None) -> None:
         }
         ckpt.save(step, params=state.params, opt_state=state.opt_state, meta=meta)
 
-    min_val_bpb, val, pending = float("inf"), None, None
     # Logging only: nanochat's mid_train counts its step up before debiasing the EMA loss, so
-    # its smoothed loss at step s divides by 1 - 0.9**(s + 2); StepClock uses base_train's
-    # 1 - 0.9**(s + 1). The two agree within a few steps; training is unaffected.
-    clock = StepClock(
-        tokens_per_step=cfg.total_batch_size,
-        flops_per_token=flops_per_tok,
-        num_devices=mesh.size,
-        peak_flops_per_device=cfg.peak_flops,
+    # its smoothed loss at step s divides by 1 - 0.9**(s + 2); the loop's StepClock uses
+    # base_train's 1 - 0.9**(s + 1). The two agree within a few steps; training is unaffected.
+    loop = train.TrainLoop(
+        state,
+        optimizer,
+        cfg,
+        writer,
+        micro_batch=lambda step, m: data.micro_batch(step * accum + m),
+        world_size=world,
+        steps_total=steps_total,
+        lrm_by_step=lrm_by_step,
         start_step=start_step,
+        val_bpb=val_bpb,
+        always_eval_last=True,  # as nanochat: at the last step whatever eval_every is
+        save=None if cfg.dry_run else save,
+        progress=data.progress,
     )
-
-    def log_step(step, metrics):
-        """Host-side logging of a finished step (one step late: never blocks the device)."""
-        loss = float(metrics["loss"])
-        stage.check_loss(loss, step)
-        s = clock.tick(step, loss)
-        lrm = float(lrm_by_step[step])
-        if step % cfg.log_every == 0 or step == steps_total - 1:
-            print(s.console_line(step, steps_total, data.progress[step], lrm), flush=True)
-        writer.scalars(
-            step,
-            {
-                **s.scalars(),
-                "train/lrm": lrm,
-                "train/progress": float(data.progress[step]),
-                "train/grad_norm": float(metrics["grad_norm"]),
-            },
-        )
-
     try:
-        for step in range(start_step, steps_total + 1):
-            last_step = step == steps_total
-            # as nanochat: at the last step whatever eval_every is
-            do_eval = last_step or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
-            do_save = not cfg.dry_run and (
-                last_step
-                or (cfg.save_every > 0 and step > start_step and step % cfg.save_every == 0)
-            )
-            if pending is not None and (do_eval or do_save or last_step):
-                log_step(*pending)  # the host is about to wait for the device anyway
-                pending = None
-            if do_eval:
-                val = val_bpb()
-                min_val_bpb = min(min_val_bpb, val)
-                print(f"step {step:05d} | validation bpb: {val:.4f}", flush=True)
-                writer.scalars(step, {"val/bpb": val})
-                clock.restart()  # evaluation time is not training time
-            if do_save:
-                save(step, val)
-            if last_step:
-                break
-
-            micro = [data.micro_batch(step * accum + m) for m in range(accum)]
-            inputs, targets = (
-                sharding.shard_batch(np.stack([m[i] for m in micro]), mesh, leading_axes=1)
-                for i in (0, 1)
-            )
-            state.params, state.opt_state, metrics = step_fn(
-                state.params, state.opt_state, state.rest, inputs, targets
-            )
-            if pending is not None:
-                log_step(*pending)
-            pending = (step, metrics)
+        result = loop.run()
     finally:  # also on errors and Ctrl-C: let an async save finish
         ckpt.close()
         writer.close()
 
-    print(
-        f"Total training time: {clock.total_time_s / 60:.2f}m; "
-        f"minimum validation bpb: {min_val_bpb:.4f}"
-    )
+    print(result.final_line())
     if not cfg.dry_run:
         report.log_section(
             "Midtraining",
             [
                 dataclasses.asdict(cfg),
                 {"Number of iterations": steps_total, "DDP world size": world},
-                {"Minimum validation bpb": min_val_bpb},
+                {"Minimum validation bpb": result.min_val_bpb},
             ],
         )
 
