@@ -1,4 +1,7 @@
-"""The sharded train step on 8 fake CPU devices: meshes and micro-batching change nothing."""
+"""The sharded train step on 8 fake CPU devices: meshes and micro-batching change nothing; the
+host TrainLoop of base_train and mid_train."""
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -215,3 +218,208 @@ def test_extra_batch_arrays_reach_the_loss(single_device):
             state, optimizer, accum_steps=1, micro_batch_size=ROWS, sequence_len=16
         )
         step(state.params, state.opt_state, state.rest, *([np.zeros((1, ROWS, 8), np.int32)] * 2))
+
+
+# --- TrainLoop: the host loop of base_train / mid_train, with a fake compiled step ---
+
+
+@dataclasses.dataclass
+class _LoopFlags:
+    total_batch_size: int = 2 * 4 * 16  # accum 2 of 4 rows x 16 tokens
+    device_batch_size: int = 4
+    max_seq_len: int = 16
+    eval_every: int = 2
+    save_every: int = 3
+    log_every: int = 2
+    peak_flops: float = 1e12
+
+
+class _Loss:
+    """A step's loss on the device: records when the host reads it."""
+
+    def __init__(self, step, value, events):
+        self.step, self.value, self.events = step, value, events
+
+    def __float__(self):
+        self.events.append(("read", self.step))
+        return self.value
+
+
+class _Writer:
+    def __init__(self):
+        self.records = []
+
+    def scalars(self, step, values):
+        self.records.append((step, dict(values)))
+
+    def text(self, step, tag, text):
+        raise AssertionError("the loop writes no text itself")
+
+
+def _loop(monkeypatch, events, *, losses=None, flags=None, **kwargs):
+    """A TrainLoop whose compiled step is a fake that checks its batch and records each dispatch;
+    each micro-batch's tokens are 100 * step + m."""
+    flags = flags or _LoopFlags()
+    compiled = []
+
+    def fake_make_train_step(state, optimizer, *, accum_steps, micro_batch_size, sequence_len):
+        compiled.append((accum_steps, micro_batch_size, sequence_len))
+        dispatched = []
+
+        def step_fn(params, opt_state, rest, inputs_ABT, targets_ABT):
+            s = len(dispatched) + kwargs.get("start_step", 0)
+            dispatched.append(s)
+            events.append(("step", s))
+            assert inputs_ABT.shape == targets_ABT.shape == (accum_steps, micro_batch_size, 16)
+            np.testing.assert_array_equal(np.asarray(inputs_ABT)[:, 0, 0], [100 * s, 100 * s + 1])
+            np.testing.assert_array_equal(np.asarray(targets_ABT), np.asarray(inputs_ABT) + 1)
+            loss = 5.0 - 0.1 * s if losses is None else losses[s]
+            return params, opt_state, {"loss": _Loss(s, loss, events), "grad_norm": 0.5}
+
+        return step_fn
+
+    monkeypatch.setattr(train, "make_train_step", fake_make_train_step)
+    mesh = sharding.make_mesh("1")
+    state = train.TrainState(None, {}, {}, {}, mesh, None, None, CONFIG)
+    world = kwargs.pop("world_size", 1)
+
+    def micro_batch(step, m):
+        rows = np.full((flags.device_batch_size * world, 16), 100 * step + m, np.int32)
+        return rows, rows + 1
+
+    loop = train.TrainLoop(
+        state,
+        None,
+        flags,
+        _Writer(),
+        micro_batch=micro_batch,
+        world_size=world,
+        steps_total=kwargs.pop("steps_total", 5),
+        lrm_by_step=np.linspace(1.0, 0.5, 6),
+        **kwargs,
+    )
+    assert compiled == [(2, 4 * world, 16)]  # compiled once, when made
+    return loop
+
+
+def test_loop_reads_metrics_one_step_late_and_evaluates_saves_on_cadence(monkeypatch, capsys):
+    events, vals = [], iter([3.0, 2.0, 2.5, 2.7])
+
+    def val_bpb():
+        events.append(("eval",))
+        return next(vals)
+
+    def save(step, val):
+        events.append(("save", step, val))
+
+    task = train.Periodic(4, lambda step: events.append(("task", step)))
+    loop = _loop(monkeypatch, events, val_bpb=val_bpb, periodic=[task], save=save)
+    result = loop.run()
+    # step s's loss is read after step s + 1 is dispatched, or first thing where the host stops
+    # for an eval or a save; evals/tasks/saves before step s see the model after s steps
+    assert events == [
+        ("eval",),  # step 0: val bpb, no task at step 0, no save at the start step
+        ("step", 0),
+        ("step", 1),
+        ("read", 0),
+        ("read", 1),  # step 2: eval
+        ("eval",),
+        ("step", 2),
+        ("read", 2),  # step 3: save (with the val bpb of step 2)
+        ("save", 3, 2.0),
+        ("step", 3),
+        ("read", 3),  # step 4: eval, then the task
+        ("eval",),
+        ("task", 4),
+        ("step", 4),
+        ("read", 4),  # the end (step 5): eval, task, save
+        ("eval",),
+        ("task", 5),
+        ("save", 5, 2.7),
+    ]
+    assert (result.val_bpb, result.min_val_bpb) == (2.7, 2.0)
+    records = loop.writer.records
+    train_steps = [step for step, r in records if "train/loss" in r]
+    assert train_steps == [0, 1, 2, 3, 4]
+    assert [(step, r["val/bpb"]) for step, r in records if "val/bpb" in r] == [
+        (0, 3.0),
+        (2, 2.0),
+        (4, 2.5),
+        (5, 2.7),
+    ]
+    step4 = next(r for step, r in records if step == 4 and "train/loss" in r)
+    assert list(step4) == [
+        "train/loss",
+        "train/loss_smooth",
+        "train/dt",
+        "train/tok_per_sec",
+        "train/mfu",
+        "train/lrm",
+        "train/grad_norm",
+    ]
+    assert step4["train/loss"] == pytest.approx(4.6) and step4["train/lrm"] == 0.6
+    lines = capsys.readouterr().out.splitlines()
+    steps = [line for line in lines if "/00005" in line]  # log_every=2, and the last step
+    assert [line[:27] for line in steps] == [
+        "step 00000/00005 (20.00%) |",
+        "step 00002/00005 (60.00%) |",
+        "step 00004/00005 (100.00%) ",
+    ]
+    assert all(" | eta: " in line for line in steps)
+    assert "step 00002 | validation bpb: 2.0000" in lines
+    assert result.final_line().startswith("Total training time: ")
+    assert result.final_line().endswith("m; minimum validation bpb: 2.0000")
+
+
+def test_resumed_loop_starts_at_its_step_and_does_not_resave_it(monkeypatch):
+    events = []
+    loop = _loop(
+        monkeypatch,
+        events,
+        start_step=3,
+        save=lambda step, val: events.append(("save", step, val)),
+        flags=_LoopFlags(eval_every=-1),
+    )
+    result = loop.run()
+    assert events == [
+        ("step", 3),
+        ("step", 4),
+        ("read", 3),
+        ("read", 4),
+        ("save", 5, None),
+    ]
+    assert (result.val_bpb, result.min_val_bpb) == (None, float("inf"))
+
+
+def test_mid_style_loop_evaluates_at_the_end_and_logs_data_progress(monkeypatch, capsys):
+    """always_eval_last: the val bpb at the end even with eval_every <= 0; progress: the line
+    shows the data's progress and no eta; save=None (--dry_run): nothing is saved."""
+    events = []
+    progress = np.array([0.1, 0.3, 0.55, 0.8, 1.0])
+    loop = _loop(
+        monkeypatch,
+        events,
+        flags=_LoopFlags(total_batch_size=2 * 4 * 16 * 2, eval_every=0, log_every=1),
+        val_bpb=lambda: 1.5,
+        always_eval_last=True,
+        progress=progress,
+        world_size=2,
+    )
+    result = loop.run()
+    assert result.val_bpb == result.min_val_bpb == 1.5
+    steps = [line for line in capsys.readouterr().out.splitlines() if "/00005" in line]
+    assert [line.split(" | ")[0] for line in steps] == [
+        f"step {s:05d}/00005 ({100 * p:.2f}%)" for s, p in enumerate(progress)
+    ]
+    assert not any("eta" in line for line in steps)
+    records = [r for _, r in loop.writer.records]
+    assert [r["train/progress"] for r in records if "train/loss" in r] == list(progress)
+    assert records[-1] == {"val/bpb": 1.5}
+
+
+def test_nan_loss_ends_the_run_with_one_error_line(monkeypatch):
+    events = []
+    loop = _loop(monkeypatch, events, losses=[4.0, 3.0, float("nan"), 2.0, 1.0])
+    with pytest.raises(SystemExit, match="error: loss is nan at step 2"):
+        loop.run()
+    assert ("step", 3) in events  # found one step late, without waiting on the device
