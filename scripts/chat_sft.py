@@ -106,23 +106,14 @@ def rank_losses(nll_BT: jax.Array, targets_BT: jax.Array, world_size: int) -> ja
 def _check(cfg: ChatSFTConfig) -> tuple[tuple[str, ...], tuple[int, int] | None]:
     """Every flag, before any work: one error line for the first bad one. Returns the parsed
     --extra_tasks and --spelling_rows."""
-    from nanochat_jax.tasks.mixtures import parse_extra_tasks, parse_spelling_rows
+    from nanochat_jax.tasks.mixtures import parse_extras
 
     if cfg.source not in ("base", "mid"):
         sys.exit(f"error: --source must be base or mid, got {cfg.source!r}")
     try:
-        extra = parse_extra_tasks(cfg.extra_tasks)
+        extra, spelling_rows = parse_extras(cfg.extra_tasks, cfg.spelling_rows)
     except ValueError as e:
-        sys.exit(f"error: --extra_tasks: {e}")
-    try:
-        spelling_rows = parse_spelling_rows(cfg.spelling_rows)
-    except ValueError as e:
-        sys.exit(f"error: --spelling_rows: {e}")
-    if spelling_rows is not None and "spelling" not in extra:
-        sys.exit(
-            f"error: --spelling_rows={cfg.spelling_rows} needs 'spelling' in --extra_tasks "
-            f"(got {cfg.extra_tasks!r})"
-        )
+        sys.exit(f"error: {e}")
     positive = ("device_batch_size", "num_epochs", "target_examples_per_step", "eval_steps")
     positive += ("eval_metrics_max_problems", "max_seq_len", "min_bucket_len", "log_every")
     stage.check_flags(cfg, positive=positive)

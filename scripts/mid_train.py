@@ -5,7 +5,9 @@
     python -m scripts.mid_train ... --resume=1                   # continue from the last save
 
 Teaches the chat format, tool use and multiple choice: one epoch over SmolTalk + MMLU
-auxiliary_train + GSM8K, training on every token of each rendered conversation like pretraining.
+auxiliary_train + GSM8K, training on every token of each rendered conversation like pretraining
+(--extra_tasks=identity,spelling adds nanochat's later identity conversations and 200K + 80K
+SimpleSpelling/SpellingBee rows, see tasks/mixtures.py).
 The lr stays flat until 80% of the data is seen, then falls linearly to 0; Muon's momentum goes
 0.85 -> 0.95 over 300 steps; no gradient clipping. The train mixture is rendered up front, which
 gives the number of steps and each step's lr (see chat_data). Saves to mid_checkpoints/<tag>
@@ -59,31 +61,24 @@ class MidTrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     peak_flops: float = H100_BF16_PEAK_FLOPS
+    # nanochat's later additions to the mixture (tasks.mixtures): "identity", "spelling"
+    extra_tasks: str = ""  # comma-separated; "" = 2bc521a's mixture
+    spelling_rows: str = ""  # "SIMPLE,BEE" rows of SimpleSpelling, SpellingBee; "" = 200K,80K
 
 
-def load_mixtures():
-    """nanochat's (train, val) mixtures for midtraining."""
-    from nanochat_jax.tasks import GSM8K, MMLU, SmolTalk, TaskMixture
+def load_mixtures(extra: tuple[str, ...] = (), spelling_rows: tuple[int, int] | None = None):
+    """nanochat's (train, val) mixtures for midtraining, with the opt-in extras
+    (tasks.mixtures)."""
+    from nanochat_jax.tasks.mixtures import mid_mixtures
 
-    train_ds = TaskMixture(
-        [
-            SmolTalk(split="train"),  # ~460K general conversations
-            MMLU(subset="auxiliary_train", split="train"),  # ~100K multiple choice problems
-            GSM8K(subset="main", split="train"),  # ~8K maths problems with calculator calls
-        ]
-    )
-    val_ds = TaskMixture(
-        [
-            SmolTalk(split="test"),
-            MMLU(subset="all", split="test", stop=5200),
-            GSM8K(subset="main", split="test", stop=420),
-        ]
-    )
-    return train_ds, val_ds
+    return mid_mixtures(extra, spelling_rows)
 
 
-def _check(cfg: MidTrainConfig) -> None:
-    """Every flag, before any work: one error line for the first bad one."""
+def _check(cfg: MidTrainConfig) -> tuple[tuple[str, ...], tuple[int, int] | None]:
+    """Every flag, before any work: one error line for the first bad one. Returns the parsed
+    --extra_tasks and --spelling_rows."""
+    from nanochat_jax.tasks.mixtures import parse_extras
+
     positive = ("max_seq_len", "device_batch_size", "total_batch_size", "eval_tokens")
     stage.check_flags(cfg, positive=(*positive, "log_every", "keep_checkpoints", "peak_flops"))
     if cfg.step < -1 or cfg.world_size < 0:
@@ -94,11 +89,15 @@ def _check(cfg: MidTrainConfig) -> None:
         sys.exit(
             f"error: --num_iterations must be -1 (one epoch) or >= 1, got {cfg.num_iterations}"
         )
+    try:
+        return parse_extras(cfg.extra_tasks, cfg.spelling_rows)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = stage.parse_config(MidTrainConfig, argv, __doc__.split("\n\n")[0])
-    _check(cfg)
+    extra, spelling_rows = _check(cfg)
     mesh = stage.setup_devices(cfg.mesh)
     base_dir = get_base_dir()
     world = cfg.world_size or sharding.data_parallel_size(mesh)
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
             base_batch_size,
         )
     try:
-        train_ds, val_ds = load_mixtures()
+        train_ds, val_ds = load_mixtures(extra, spelling_rows)
     except (ImportError, OSError, ValueError) as e:
         sys.exit(f"error: cannot load the midtraining tasks: {e}")
 

@@ -94,7 +94,7 @@ def base(base_template, tmp_path, monkeypatch):
     """A fresh copy of the base dir as NANOCHAT_JAX_BASE_DIR, with the tiny mixtures."""
     shutil.copytree(base_template, tmp_path / "base")
     monkeypatch.setenv("NANOCHAT_JAX_BASE_DIR", str(tmp_path / "base"))
-    monkeypatch.setattr(mid_train, "load_mixtures", lambda: (TRAIN, VAL))
+    monkeypatch.setattr(mid_train, "load_mixtures", lambda *a: (TRAIN, VAL))
     return tmp_path / "base"
 
 
@@ -114,7 +114,7 @@ def reference(base_template, tmp_path_factory):
     shutil.copytree(base_template, base)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOCHAT_JAX_BASE_DIR", str(base))
-        mp.setattr(mid_train, "load_mixtures", lambda: (TRAIN, VAL))
+        mp.setattr(mid_train, "load_mixtures", lambda *a: (TRAIN, VAL))
         used = record_hyperparams(mp)
         mid_train.main([*FLAGS, "--save_every=4", "--keep_checkpoints=100"])
     tokenizer = Tokenizer.load(base / "tokenizer")
@@ -247,12 +247,12 @@ def test_clear_errors(base, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="too small"):
         mid_train.main([*FLAGS, "--device_batch_size=128", "--total_batch_size=8192"])
 
-    monkeypatch.setattr(mid_train, "load_mixtures", lambda: (TRAIN, VAL[:3]))
+    monkeypatch.setattr(mid_train, "load_mixtures", lambda *a: (TRAIN, VAL[:3]))
     flags = [*FLAGS, "--device_batch_size=1", "--world_size=4"]
     with pytest.raises(SystemExit, match="the val mixture has 3 conversations, fewer than the 4"):
         mid_train.main(flags)
 
-    def missing():
+    def missing(*args):
         raise FileNotFoundError("no task data in task_data/: run python -m nanochat_jax.demo_tasks")
 
     monkeypatch.setattr(mid_train, "load_mixtures", missing)
@@ -313,6 +313,8 @@ def _no_data():
         (["--mesh=8", "--world_size=3"], "world_size 3 must be a positive multiple"),
         (["--max_seq_len=2048", "--total_batch_size=8192"], "exceeds the base model's rotary"),
         (["--model_tag=d7"], "d7"),
+        (["--extra_tasks=spell"], "--extra_tasks: unknown extra task(s) ['spell']"),
+        (["--spelling_rows=20,20"], "--spelling_rows=20,20 needs 'spelling' in --extra_tasks"),
     ],
 )
 def test_bad_flags_are_one_error_line_before_any_work(base, monkeypatch, flags, message):
@@ -321,6 +323,19 @@ def test_bad_flags_are_one_error_line_before_any_work(base, monkeypatch, flags, 
         mid_train.main([*FLAGS, *flags])
     text = str(info.value)
     assert text.startswith("error: ") and message in text and "\n" not in text
+
+
+def test_extra_task_flags_reach_the_mixture(base, monkeypatch):
+    seen = []
+
+    def record(*args):
+        seen.append(args)
+        raise FileNotFoundError("stop here")
+
+    monkeypatch.setattr(mid_train, "load_mixtures", record)
+    with pytest.raises(SystemExit, match="cannot load the midtraining tasks: stop here"):
+        mid_train.main([*FLAGS, "--extra_tasks=spelling,identity", "--spelling_rows=30,10"])
+    assert seen == [(("identity", "spelling"), (30, 10))]
 
 
 def test_tokenizer_of_another_vocab_is_one_error_line(base):

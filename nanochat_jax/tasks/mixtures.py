@@ -64,6 +64,27 @@ def parse_spelling_rows(spec: str) -> tuple[int, int] | None:
     return rows[0], rows[1]
 
 
+def parse_extras(
+    extra_tasks: str, spelling_rows: str
+) -> tuple[tuple[str, ...], tuple[int, int] | None]:
+    """The stage flags --extra_tasks and --spelling_rows, parsed and checked together;
+    ValueError with a message that names the bad flag."""
+    try:
+        extra = parse_extra_tasks(extra_tasks)
+    except ValueError as e:
+        raise ValueError(f"--extra_tasks: {e}") from None
+    try:
+        rows = parse_spelling_rows(spelling_rows)
+    except ValueError as e:
+        raise ValueError(f"--spelling_rows: {e}") from None
+    if rows is not None and "spelling" not in extra:
+        raise ValueError(
+            f"--spelling_rows={spelling_rows} needs 'spelling' in --extra_tasks "
+            f"(got {extra_tasks!r})"
+        )
+    return extra, rows
+
+
 def _extras(
     extra: Sequence[str],
     spelling_rows: tuple[int, int] | None,
