@@ -36,8 +36,9 @@ The "CPU cores busy" figures (CPU time / wall time) show what each side really u
 CPU second" rates (work / CPU time) are the steadier comparison when other jobs share the core.
 
 The CORE report also counts the token positions each side forwards: nanochat pads an example's
-rows to its longest; ours pads rows to power-of-two length buckets and fills each bucket's
-batches, which on a compute-bound CPU costs what batching saves.
+rows to its longest; ours pads rows to half-octave length buckets and fills each batch with
+dummy rows (counted as the batches run), which on a compute-bound CPU costs part of what batching
+saves.
 """
 
 from __future__ import annotations
@@ -177,20 +178,16 @@ def _random_model(config, seed: int = 0):
 
 
 def _core_positions(tokenizer, tasks: list[_CoreTask], max_len: int) -> dict[str, int]:
-    """Token positions forwarded over all tasks: the rows' real tokens; nanochat's (each
-    example's rows padded to its longest); ours (core_eval's documented layout, with its
-    default batch_rows 64 and batch_tokens 8192: power-of-two length buckets of at least
-    MIN_BUCKET_LEN, min(64, 8192 // bucket) rows per forward, a task's last batch of each
-    bucket filled with dummy rows). On a CPU the forward is compute-bound, so these explain
-    most of the speed difference."""
+    """Token positions forwarded over all tasks: the rows' real tokens, and nanochat's (each
+    example's rows padded to its longest). Ours are counted as they run (`_jax_core`). On a CPU
+    the forward is compute-bound, so these explain most of the speed difference."""
     from nanochat_jax import core_eval
 
-    out = {"real": 0, "nanochat": 0, "jax": 0}
+    out = {"real": 0, "nanochat": 0}
     bos = tokenizer.get_bos_token_id()
     for task in tasks:
         task_type, shots = task.meta["task_type"], task.meta["num_fewshot"]
         delimiter = task.meta["continuation_delimiter"]
-        bucket_rows: dict[int, int] = {}
         for idx, item in enumerate(task.data):
             fewshot = [task.data[i] for i in core_eval.fewshot_indices(idx, len(task.data), shots)]
             prompts = core_eval.render_prompts(item, task_type, delimiter, fewshot)
@@ -199,14 +196,27 @@ def _core_positions(tokenizer, tasks: list[_CoreTask], max_len: int) -> dict[str
             lengths = [min(len(row), max_len) for row in rows]
             out["real"] += sum(lengths)
             out["nanochat"] += len(lengths) * max(lengths)
-            for length in lengths:
-                bucket = max(core_eval.MIN_BUCKET_LEN, 1 << (length - 1).bit_length())
-                bucket = min(bucket, max_len)
-                bucket_rows[bucket] = bucket_rows.get(bucket, 0) + 1
-        for bucket, rows in bucket_rows.items():
-            per_batch = max(1, min(64, 8192 // bucket))
-            out["jax"] += -(-rows // per_batch) * per_batch * bucket
     return out
+
+
+@contextlib.contextmanager
+def _counting_forwards(counts: dict[str, int]):
+    """Counts the rows and token positions of every batch core_eval forwards (length buckets,
+    dummy rows and all) by wrapping its jitted scoring function, which stays the same."""
+    from nanochat_jax import core_eval
+
+    score_rows = core_eval._score_rows
+
+    def counting(graphdef, mesh, state, tokens_RL, *rest):
+        counts["jax"] = counts.get("jax", 0) + tokens_RL.size
+        counts["batches"] = counts.get("batches", 0) + 1
+        return score_rows(graphdef, mesh, state, tokens_RL, *rest)
+
+    core_eval._score_rows = counting
+    try:
+        yield
+    finally:
+        core_eval._score_rows = score_rows
 
 
 # ---- JAX side ---------------------------------------------------------------------------------
@@ -215,18 +225,20 @@ def _core_positions(tokenizer, tasks: list[_CoreTask], max_len: int) -> dict[str
 def _jax_core(model, tokenizer, tasks: list[_CoreTask], clock: _CompileClock) -> dict:
     from nanochat_jax.core_eval import evaluate_task
 
-    out = {"tasks": {}}
+    out = {"tasks": {}, "forwarded": {}}
     for phase in ("cold", "warm"):
         compile_before, total, cpu_before = clock.seconds, 0.0, time.process_time()
-        for task in tasks:
-            start = time.perf_counter()
-            accuracy = evaluate_task(model, tokenizer, task.data, task.meta)
-            seconds = time.perf_counter() - start
-            total += seconds
-            row = out["tasks"].setdefault(task.label, {})
-            if phase == "warm" and row["accuracy"] != accuracy:
-                raise AssertionError(f"{task.label}: cold and warm runs disagree")
-            row.update(accuracy=accuracy, seconds=seconds)
+        # the cold run counts what is forwarded (same batches as the warm run's)
+        with _counting_forwards(out["forwarded"]) if phase == "cold" else contextlib.nullcontext():
+            for task in tasks:
+                start = time.perf_counter()
+                accuracy = evaluate_task(model, tokenizer, task.data, task.meta)
+                seconds = time.perf_counter() - start
+                total += seconds
+                row = out["tasks"].setdefault(task.label, {})
+                if phase == "warm" and row["accuracy"] != accuracy:
+                    raise AssertionError(f"{task.label}: cold and warm runs disagree")
+                row.update(accuracy=accuracy, seconds=seconds)
         out[f"{phase}_s"] = total
         out[f"{phase}_cpu_s"] = time.process_time() - cpu_before
         out[f"{phase}_compile_s"] = clock.seconds - compile_before
@@ -436,7 +448,7 @@ def _print_core(tasks: list[_CoreTask], jax_core: dict, torch_core: dict | None)
         f"  token positions forwarded: {positions['real']} real; nanochat "
         f"{positions['nanochat']} (x{positions['nanochat'] / positions['real']:.2f}), JAX "
         f"{positions['jax']} (x{positions['jax'] / positions['real']:.2f}: length buckets and "
-        "full batches)"
+        f"dummy rows, in {jax_core['forwarded']['batches']} batches)"
     )
     return problems
 
@@ -560,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         jax_core = _jax_core(model, tokenizer, core_tasks, clock)
         jax_core["positions"] = _core_positions(tokenizer, core_tasks, config.rotary_seq_len)
+        jax_core["positions"]["jax"] = jax_core["forwarded"]["jax"]
         jax_chat = _jax_chat(
             model, tokenizer, chat_tasks, args.batch_size, args.max_problems, clock
         )
