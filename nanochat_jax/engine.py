@@ -255,7 +255,7 @@ class _RowTool:
 def length_bucket(length: int, cap: int) -> int:
     """The padded length of a sequence of `length` tokens: the next power of two, at least
     MIN_BUCKET_LEN, at most `cap` (the model's limit). Shared by every jitted consumer of
-    variable-length prompts (Engine, chat_eval, core_eval) so that a few shapes are compiled."""
+    variable-length prompts (Engine, chat_eval) so that a few shapes are compiled."""
     return min(max(MIN_BUCKET_LEN, 1 << (length - 1).bit_length()), cap)
 
 
