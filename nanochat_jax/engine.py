@@ -41,10 +41,13 @@ decodes. Measured on the 2-core CPU with 8 fake devices (chat_eval on demo GSM8K
 same answers. Fake CPU devices share the cores, which bounds the gain there; on GPUs each replica
 decodes on its own device (not measured yet).
 
-Differences from nanochat, all invisible to its callers: rows that have finished keep being
-decoded (static shapes) but their tool calls are ignored; `max_tokens=None` means "up to
-`sequence_len` total" (nanochat grows its cache without bound); the calculator is an AST
-whitelist with size bounds instead of `eval` with a 3 s alarm, and it also accepts `%`.
+Differences from nanochat: rows that have finished keep being decoded (static shapes) but their
+tool calls are ignored, and `max_tokens=None` means "up to `sequence_len` total" (nanochat grows
+its cache without bound), both invisible to callers. The calculator is an AST whitelist with size
+bounds instead of `eval` with a 3 s alarm. On arithmetic and `'word'.count('l')` calls it gives
+nanochat's answers, including its refusal of `.count(` expressions that contain words like "dir"
+or "eval"; it also accepts `%`, and refuses results beyond 1e30, expressions over 1000
+characters and anything else nanochat's `eval` would reach (attributes, other methods).
 """
 
 from __future__ import annotations
@@ -87,6 +90,14 @@ _MAX_MAGNITUDE = 10**30
 # nanochat's two character gates: arithmetic, or a string `.count(` expression.
 _ARITH_CHARS = frozenset("0123456789*+-/.() %")
 _COUNT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'\"()._ ")
+# nanochat parity: its string branch refuses any expression whose lowercased text contains one of
+# these, even inside the quoted word, so words such as "direct", "medieval" or "profile" get no
+# tool output there. Our AST whitelist would not need it; matching keeps the same answers. The
+# arithmetic branch cannot contain letters or "_", so nanochat does not check it.
+_COUNT_REFUSED = (
+    "__", "import", "exec", "eval", "compile", "open", "file", "input", "raw_input", "globals",
+    "locals", "vars", "dir", "getattr", "setattr", "delattr", "hasattr",
+)  # fmt: skip
 _BINOPS = {
     ast.Add: operator.add,
     ast.Sub: operator.sub,
@@ -153,8 +164,10 @@ def use_calculator(expr: str) -> int | float | None:
 
     Commas are dropped (nanochat: "1,000"). Accepted: int/float literals, + - * / // %, unary
     +/-, parentheses, and `.count` on string literals; no `**`, names, attributes, calls or
-    comprehensions. Literals, intermediates and the result are bounded by 1e30 in magnitude, the
-    expression by 1000 characters and 32 levels of nesting, so evaluation takes microseconds;
+    comprehensions. As in nanochat, a `.count(` expression containing any of `_COUNT_REFUSED`
+    (case-insensitive, even inside a quoted word: `'direction'.count('d')`) is refused.
+    Literals, intermediates and the result are bounded by 1e30 in magnitude, the expression by
+    1000 characters and 32 levels of nesting, so evaluation takes microseconds;
     nothing is `eval`ed.
     """
     if not isinstance(expr, str):
@@ -163,8 +176,12 @@ def use_calculator(expr: str) -> int | float | None:
     if len(expr) > _MAX_EXPR_CHARS or "**" in expr:
         return None
     chars = set(expr)
-    if not (chars <= _ARITH_CHARS or (chars <= _COUNT_CHARS and ".count(" in expr)):
-        return None
+    if not chars <= _ARITH_CHARS:
+        if not (chars <= _COUNT_CHARS and ".count(" in expr):
+            return None
+        lowered = expr.lower()
+        if any(pattern in lowered for pattern in _COUNT_REFUSED):
+            return None
     if _paren_depth(expr) > _MAX_DEPTH:  # parentheses leave no trace in the AST: count them
         return None
     try:

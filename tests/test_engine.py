@@ -396,3 +396,28 @@ def test_calculator_refuses_hostile_input_quickly(expr):
     start = time.perf_counter()
     assert use_calculator(expr) is None
     assert time.perf_counter() - start < 0.1
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "'direction'.count('d')",  # "dir"
+        "'medieval'.count('e')",  # "eval"
+        "'profile'.count('f')",  # "file"
+        "'Reopened'.count('e')",  # "open", case-insensitive
+        "'snake__case'.count('a')",  # "__"
+        "'inputs'.count('t')",  # "input"
+        "'strawberry'.count('DIR')",  # in the counted letters too
+    ],
+)
+def test_calculator_refuses_nanochats_dangerous_substrings(expr):
+    # nanochat parity (engine.use_calculator since 8892470): the substring test runs on the whole
+    # lowercased expression, quoted word included.
+    assert use_calculator(expr) is None
+
+
+def test_calculator_counts_words_near_the_dangerous_ones():
+    assert use_calculator("'dim'.count('d')") == 1  # "di" alone is fine
+    assert use_calculator("'snake_case'.count('a')") == 2  # a single "_" is fine
+    assert use_calculator("'evaluate'.count('e')") is None  # "eval"
+    assert use_calculator("'valuate'.count('a')") == 2
