@@ -9,11 +9,15 @@ import json
 import re
 from pathlib import Path
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 
 from nanochat_jax import hf_data
+from nanochat_jax.config import GPTConfig
 from nanochat_jax.download import DownloadConfig
-from nanochat_jax.engine import use_calculator
+from nanochat_jax.engine import Engine, use_calculator
 from nanochat_jax.tasks import SimpleSpelling, SpellingBee, TaskDataError
 from nanochat_jax.tasks.spellingbee import USER_MSG_TEMPLATES, load_words
 from nanochat_jax.tokenizer import Tokenizer
@@ -148,10 +152,15 @@ def test_evaluate_rejects_bad_input(words_path):
         task.evaluate(plain, answer)
 
 
-def test_renders_with_tool_tokens():
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
     with gzip.open(GOLDEN_DIR / "tok_corpus.txt.gz", "rt", encoding="utf-8") as f:
         docs = f.read().split("\x1e")[:200]
-    tok = Tokenizer.train_from_iterator(iter(docs), 300)
+    return Tokenizer.train_from_iterator(iter(docs), 300)
+
+
+def test_renders_with_tool_tokens(tokenizer):
+    tok = tokenizer
     rows = GOLDEN["rows"]["SpellingBee/train"][0]
     ids, mask = tok.render_conversation(rows)
     python_start = tok.encode_special("<|python_start|>")
@@ -161,6 +170,56 @@ def test_renders_with_tool_tokens():
     ids, mask = tok.render_conversation(spelled)
     supervised = [i for i, m in zip(ids, mask, strict=True) if m][:-1]
     assert tok.decode(supervised) == spelled["messages"][1]["content"]
+
+
+class _Replay(nnx.Module):
+    """A scripted "model": the logits at absolute position p are a row of a (positions, V) table,
+    so a table with a one-hot at seq[p + 1] in row p makes greedy decoding replay `seq`."""
+
+    def __init__(self, table_SV: np.ndarray):
+        S, V = table_SV.shape
+        self.config = GPTConfig(sequence_len=S, vocab_size=V, n_layer=1, n_head=1, n_kv_head=1,
+                                n_embd=2)  # fmt: skip
+        self.table = nnx.Param(jnp.asarray(table_SV))
+
+    def forward_cached(self, idx_BT, cache):
+        B, T = idx_BT.shape
+        logits_TV = jnp.take(self.table[...], cache.pos + jnp.arange(T), axis=0, mode="clip")
+        return jnp.broadcast_to(logits_TV, (B, *logits_TV.shape)), cache.replace(pos=cache.pos + T)
+
+
+def test_golden_rows_replay_through_the_engine(tokenizer):
+    """A model scripted to write a golden SpellingBee row's assistant tokens, run through
+    Engine.generate_batch with a trained tokenizer, reproduces the rendered row: the python call
+    triggers the calculator, whose output (not the model's) fills the python_output part."""
+    tok = tokenizer
+    rows = GOLDEN["rows"]["SpellingBee/train"][:6] + GOLDEN["rows"]["SpellingBee/test"][:6]
+    rendered = [tok.render_conversation(row) for row in rows]
+    S = 64 * -(-max(len(ids) for ids, _ in rendered) // 64)
+    assistant_end = tok.encode_special("<|assistant_end|>")
+    engine = None
+    for row, (ids, mask) in zip(rows, rendered, strict=True):
+        prompt = tok.render_for_completion(row)
+        assert ids[: len(prompt)] == prompt and ids[-1] == assistant_end
+        table_SV = np.full((S, tok.get_vocab_size()), -30.0, np.float32)
+        for p in range(len(prompt) - 1, len(ids) - 1):
+            # Where the calculator's output is due (mask 0), the model would end the answer:
+            # only a forced token gets past these positions.
+            table_SV[p, ids[p + 1] if mask[p + 1] else assistant_end] = 30.0
+        if engine is None:  # one engine: the tables swap in without recompiling
+            engine = Engine(_Replay(table_SV), tok)
+        else:
+            engine.set_params(_Replay(table_SV))
+        (result,), (got_mask,) = engine.generate_batch(
+            prompt, max_tokens=S - len(prompt), temperature=0.0
+        )
+        generated = result[len(prompt) :]
+        assert generated == ids[len(prompt) : -1]  # the engine stops at <|assistant_end|>
+        assert got_mask[len(prompt) :] == mask[len(prompt) : -1]
+        forced = [t for t, m in zip(generated, got_mask[len(prompt) :], strict=True) if not m]
+        count = row["messages"][1]["content"][3]["text"]
+        assert tok.decode(forced) == f"<|output_start|>{count}<|output_end|>"
+    assert engine.num_compilations <= 8
 
 
 def test_word_list_lines_are_stripped(tmp_path):
