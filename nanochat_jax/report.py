@@ -400,14 +400,19 @@ def read_metrics(path: str | Path) -> dict[str, dict[int, float]]:
     """{key: {step: value}} from a MetricsWriter metrics.jsonl, in step order.
 
     The writer appends, so a resumed (or restarted) run repeats steps. Within one process every
-    key is logged at increasing steps; a key going back to an earlier step is a new process, and
-    what the file holds from that step on (of every key) belongs to the abandoned timeline, so it
-    is dropped; a repeat of the same step is overwritten: the last value wins. Torn or foreign
-    lines are skipped. (Not metrics.read_jsonl: that module imports JAX, which generate avoids.)
+    key is logged at increasing steps and the file's steps never go down (TrainLoop writes step
+    s's evaluation, then the train metrics of s, then s + 1's evaluation). A key going back to an
+    earlier step s is therefore a new process that started at step s: what the file holds from
+    step s on belongs to the abandoned timeline and is dropped, except the values at step s
+    written since the old timeline's last later step (the new process's own, e.g. its val bpb
+    at the step it resumed from, written before its first train loss). A repeat of the same step
+    is overwritten: the last value wins. Torn or foreign lines are skipped. (Not
+    metrics.read_jsonl: that module imports JAX, which generate avoids.)
     """
-    series: dict[str, dict[int, float]] = {}
+    series: dict[str, dict[int, tuple[int, float]]] = {}  # key -> step -> (line number, value)
     last: dict[str, int] = {}
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -423,13 +428,29 @@ def read_metrics(path: str | Path) -> dict[str, dict[int, float]]:
             and not isinstance(value, bool)
         }
         if any(key in last and step < last[key] for key in values):
+            # the abandoned timeline's last line past this step: step-`step` values written
+            # after it are the new process's
+            boundary = max(
+                written
+                for points in series.values()
+                for s, (written, _) in points.items()
+                if s > step
+            )
             for key, points in series.items():
-                series[key] = {s: v for s, v in points.items() if s < step}
+                series[key] = {
+                    s: point
+                    for s, point in points.items()
+                    if s < step or (s == step and point[0] > boundary)
+                }
             last = {key: max(points) for key, points in series.items() if points}
         for key, value in values.items():
-            series.setdefault(key, {})[step] = value
+            series.setdefault(key, {})[step] = (number, value)
             last[key] = step
-    return {key: dict(sorted(points.items())) for key, points in series.items() if points}
+    return {
+        key: {s: value for s, (_, value) in sorted(points.items())}
+        for key, points in series.items()
+        if points
+    }
 
 
 def _natural_key(text: str) -> list:

@@ -436,6 +436,66 @@ def test_read_metrics_resumed_run_takes_the_new_timeline(tmp_path):
     assert metrics["val/bpb"] == {0: 3.0, 100: 2.5}  # 150 was the abandoned timeline's
 
 
+def _loop_records(start, stop, crash, run, eval_every=4):
+    """What TrainLoop writes from start_step `start` to steps_total `stop`, in its order (step
+    s's val bpb and CORE before step s runs, train metrics one step late), killed while step
+    `crash` runs; every value tells the run (`run`) and the step apart."""
+    records = []
+    for step in range(start, stop + 1):
+        if step % eval_every == 0 or step == stop:
+            if step > start:
+                records.append((step - 1, {"train/loss": run + (step - 1) / 100}))
+            records.append((step, {"val/bpb": run + step / 10}))
+            if step > 0:
+                records.append((step, {"core_metric": run + step / 1000}))
+        elif step > start:
+            records.append((step - 1, {"train/loss": run + (step - 1) / 100}))
+        if step == crash or step == stop:
+            return records
+    return records
+
+
+def test_read_metrics_resume_keeps_the_new_values_at_the_resumed_step(tmp_path):
+    # eval and CORE every 4 steps, checkpoint at 4, killed while step 6 ran, resumed from 4
+    old = _loop_records(0, 10, crash=6, run=10)
+    assert old[-3:] == [
+        (4, {"core_metric": 10.004}),
+        (4, {"train/loss": 10.04}),
+        (5, {"train/loss": 10.05}),
+    ]
+    new = _loop_records(4, 10, crash=None, run=20)
+    assert new[:3] == [
+        (4, {"val/bpb": 20.4}),
+        (4, {"core_metric": 20.004}),
+        (4, {"train/loss": 20.04}),
+    ]
+    metrics = report.read_metrics(_write_jsonl(tmp_path / "metrics.jsonl", old + new))
+    assert metrics["val/bpb"] == {0: 10.0, 4: 20.4, 8: 20.8, 10: 21.0}
+    assert metrics["core_metric"] == {4: 20.004, 8: 20.008, 10: 20.01}
+    loss = metrics["train/loss"]
+    assert list(loss) == list(range(10))
+    assert [loss[s] for s in range(4)] == [10.0, 10.01, 10.02, 10.03]  # before the checkpoint
+    assert all(loss[s] == pytest.approx(20 + s / 100) for s in range(4, 10))  # the new run's
+
+
+def test_read_metrics_fresh_rerun_into_an_older_file(tmp_path):
+    # an earlier run killed at step 6, then a fresh run from step 0 into the same folder
+    old = _loop_records(0, 10, crash=6, run=10)
+    new = _loop_records(0, 10, crash=None, run=20)
+    metrics = report.read_metrics(_write_jsonl(tmp_path / "metrics.jsonl", old + new))
+    assert metrics["val/bpb"] == {0: 20.0, 4: 20.4, 8: 20.8, 10: 21.0}
+    assert metrics["core_metric"] == {4: 20.004, 8: 20.008, 10: 20.01}
+    assert metrics["train/loss"] == {s: pytest.approx(20 + s / 100) for s in range(10)}
+    # the new run killed before its first train loss: only its step-0 bpb is left
+    early = report.read_metrics(_write_jsonl(tmp_path / "early.jsonl", old + new[:1]))
+    assert early == {"val/bpb": {0: 20.0}}
+    # the old run killed before its step-4 eval: nothing goes back in time until the new run's
+    # train loss at 0, which must keep the new step-0 bpb
+    old = _loop_records(0, 10, crash=3, run=10)
+    metrics = report.read_metrics(_write_jsonl(tmp_path / "short.jsonl", old + new[:2]))
+    assert metrics == {"val/bpb": {0: 20.0}, "train/loss": {0: 20.0}}
+
+
 def test_read_metrics_same_step_repeated_and_odd_lines(tmp_path):
     path = _write_jsonl(
         tmp_path / "metrics.jsonl",
