@@ -27,6 +27,7 @@ verified and atomic download.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -149,6 +150,18 @@ GROUPS: dict[str, list[tuple[str, str, str]]] = {
 _WORD_RE = re.compile(r"[A-Za-z]+")
 
 
+def word_list_problem(lines: Sequence[str]) -> str | None:
+    """What is wrong with the lines of a word list (one alphabetic word per line, blank lines
+    allowed, at least one word), or None if nothing."""
+    if not any(line.strip() for line in lines):
+        return "word list has no words"
+    for line_number, line in enumerate(lines, start=1):
+        word = line.strip()
+        if word and not _WORD_RE.fullmatch(word):
+            return f"word list line {line_number}: {word[:40]!r} is not a single alphabetic word"
+    return None
+
+
 def verify_word_list(path: Path) -> None:
     """Raise CorruptDownload unless `path` is UTF-8 text of one alphabetic word per line (blank
     lines allowed): an HTML error page or a binary file is caught here, not at training."""
@@ -156,12 +169,9 @@ def verify_word_list(path: Path) -> None:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise CorruptDownload(f"word list is not UTF-8 text ({e})") from None
-    words = [line.strip() for line in lines if line.strip()]
-    if not words:
-        raise CorruptDownload("word list has no words")
-    bad = next((w for w in words if not _WORD_RE.fullmatch(w)), None)
-    if bad is not None:
-        raise CorruptDownload(f"word list line {bad[:40]!r} is not a single alphabetic word")
+    problem = word_list_problem(lines)
+    if problem is not None:
+        raise CorruptDownload(problem)
 
 
 def verify_conversations(path: Path) -> None:
@@ -192,6 +202,7 @@ class TaskFile:
     url: str  # where nanochat downloads it from
     url_env: str  # environment variable that overrides `url`
     verify: Callable[[Path], None]
+    unit: str  # what one non-blank line holds, for the log line after a download
 
     def local_path(self, base_dir: str | Path | None = None) -> Path:
         return task_data_dir(base_dir) / self.name
@@ -204,21 +215,24 @@ class TaskFile:
         return url or os.environ.get(self.url_env) or self.url
 
 
-# nanochat 8892470, tasks/spellingbee.py: dwyl/english-words' 370K lowercase words
+# nanochat 8892470, tasks/spellingbee.py: dwyl/english-words' 370K lowercase words. The URL
+# follows the repo's master branch (unpinned, as nanochat's), so a download logs its sha256.
 WORDS_FILE = TaskFile(
-    "words",
-    "words_alpha.txt",
-    "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt",
-    "NANOCHAT_JAX_WORDS_URL",
-    verify_word_list,
+    group="words",
+    name="words_alpha.txt",
+    url="https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt",
+    url_env="NANOCHAT_JAX_WORDS_URL",
+    verify=verify_word_list,
+    unit="words",
 )
 # nanochat fe5aed9, speedrun.sh: ~1K synthetic conversations about nanochat itself (2.3 MB)
 IDENTITY_FILE = TaskFile(
-    "identity",
-    "identity_conversations.jsonl",
-    "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl",
-    "NANOCHAT_JAX_IDENTITY_URL",
-    verify_conversations,
+    group="identity",
+    name="identity_conversations.jsonl",
+    url="https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl",
+    url_env="NANOCHAT_JAX_IDENTITY_URL",
+    verify=verify_conversations,
+    unit="conversations",
 )
 FILES: dict[str, TaskFile] = {f.group: f for f in (WORDS_FILE, IDENTITY_FILE)}
 
@@ -343,6 +357,16 @@ def ensure_file(
         raise TaskDataError(
             f"download of {url} failed: {error}. Run the same command again to resume. {hint}"
         )
+    # Which version arrived: nanochat's URLs are not pinned to a commit or a checksum.
+    data = path.read_bytes()
+    count = sum(1 for line in data.splitlines() if line.strip())
+    log.info(
+        "%s: %d %s, sha256 %s",
+        task_file.name,
+        count,
+        task_file.unit,
+        hashlib.sha256(data).hexdigest(),
+    )
     return path
 
 

@@ -5,7 +5,9 @@ the right counts through the engine's calculator, grading, the word list's downl
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -226,22 +228,48 @@ def test_word_list_lines_are_stripped(tmp_path):
     path = tmp_path / "w.txt"
     path.write_bytes(b"apple\r\n  pear \n\nplum\n")
     assert load_words(path) == ["apple", "pear", "", "plum"]  # blank lines kept, as nanochat
-    path.write_text("\n\n")
-    with pytest.raises(ValueError, match="holds no words"):
-        load_words(path)
 
 
-def test_word_list_is_downloaded_on_first_use(base_dir, monkeypatch):
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b"\n\n", "word list has no words"),
+        (b"apple\r\n<html>\r\n", "word list line 2: '<html>' is not a single alphabetic word"),
+        (b"apple\ncaf\xe9\n", "is not UTF-8 text ('utf-8' codec can't decode byte 0xe9"),
+    ],
+)
+def test_a_bad_word_list_is_one_clear_error(base_dir, body, problem):
+    """A bad file placed by hand: TaskDataError naming the file, the problem and the fix."""
+    default = base_dir / "task_data" / "words_alpha.txt"
+    default.parent.mkdir()
+    for path, fix in [
+        (default, "delete it and run `python -m nanochat_jax.hf_data words` to fetch it again"),
+        (base_dir / "mine.txt", "pass a UTF-8 text file of one alphabetic word per line"),
+    ]:
+        path.write_bytes(body)
+        with pytest.raises(TaskDataError) as info:
+            SpellingBee(size=3, words_path=None if path == default else path)
+        message = str(info.value)
+        assert "\n" not in message and str(path) in message
+        assert problem in message and fix in message
+    with pytest.raises(TaskDataError, match="cannot read word list .*missing.txt"):
+        load_words(base_dir / "missing.txt")
+
+
+def test_word_list_is_downloaded_on_first_use(base_dir, monkeypatch, caplog):
     body = b"alpha\r\nbeta\r\ngamma\r\n"
     with FaultServer({"words_alpha.txt": body}, {"words_alpha.txt": ["500"]}) as server:
         monkeypatch.setenv(hf_data.WORDS_FILE.url_env, f"{server.url}/words_alpha.txt")
         monkeypatch.setattr(hf_data, "DownloadConfig", lambda: FAST)
-        task = SpellingBee(size=4)
+        with caplog.at_level(logging.INFO, logger="nanochat_jax.hf_data"):
+            task = SpellingBee(size=4)
         assert server.requests["words_alpha.txt"] == [None, None]  # a 500, then the file
         assert SimpleSpelling(size=4).words  # cached now: no more requests
         assert len(server.requests["words_alpha.txt"]) == 2
     assert task.words == ["alpha", "beta", "gamma"]
     assert (base_dir / "task_data" / "words_alpha.txt").read_bytes() == body
+    # the URL follows dwyl's master branch: the log says which list arrived
+    assert f"words_alpha.txt: 3 words, sha256 {hashlib.sha256(body).hexdigest()}" in caplog.text
 
 
 def test_offline_without_the_word_list_is_one_clear_error(base_dir):
@@ -252,3 +280,18 @@ def test_offline_without_the_word_list_is_one_clear_error(base_dir):
     assert "python -m nanochat_jax.hf_data words" in message
     assert "python -m nanochat_jax.demo_tasks" in message
     assert "NANOCHAT_JAX_WORDS_URL" in message
+
+
+def test_chat_eval_reports_a_bad_word_list_in_one_line(base_dir):
+    """scripts/chat_eval: a word list placed by hand that is not one (here Latin-1 bytes) stops
+    it with one error line, before any model is loaded."""
+    from scripts import chat_eval as chat_eval_script
+
+    path = base_dir / "task_data" / "words_alpha.txt"
+    path.parent.mkdir()
+    path.write_bytes(b"apple\r\ncaf\xe9\r\n")
+    with pytest.raises(SystemExit) as info:
+        chat_eval_script.main(["-i", "sft", "-a", "SpellingBee", "--mesh", "1"])
+    message = str(info.value.code)
+    assert message.startswith(f"error: word list {path} is not UTF-8 text") and "\n" not in message
+    assert "python -m nanochat_jax.hf_data words" in message

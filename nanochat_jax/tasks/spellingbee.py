@@ -22,7 +22,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from nanochat_jax.hf_data import WORDS_FILE, ensure_file
+from nanochat_jax.hf_data import WORDS_FILE, TaskDataError, ensure_file, word_list_problem
 from nanochat_jax.tasks.common import Conversation, Task
 from nanochat_jax.tasks.gsm8k import extract_answer
 
@@ -91,12 +91,27 @@ _QUOTES = ("", "'", '"')
 def load_words(path: str | Path | None = None) -> list[str]:
     """The word list, one word per line, each line stripped (nanochat keeps blank lines as
     empty words; so do we, for the same random draws). path: default the task_data copy,
-    downloaded first if missing (TaskDataError offline)."""
-    path = ensure_file(WORDS_FILE) if path is None else Path(path)
-    with open(path, encoding="utf-8") as f:
-        words = [line.strip() for line in f]
-    if not any(words):
-        raise ValueError(f"{path} holds no words")
+    downloaded first if missing. TaskDataError (one line: the file, what is wrong, what to run)
+    when it cannot be had or is not UTF-8 text of one alphabetic word per line."""
+    default = path is None
+    path = ensure_file(WORDS_FILE) if default else Path(path)
+    if default:
+        fix = (
+            f"delete it and run `python -m nanochat_jax.hf_data {WORDS_FILE.group}` to fetch it "
+            "again (or `python -m nanochat_jax.demo_tasks` for offline demo data)"
+        )
+    else:
+        fix = "pass a UTF-8 text file of one alphabetic word per line"
+    try:
+        with open(path, encoding="utf-8") as f:
+            words = [line.strip() for line in f]
+    except UnicodeDecodeError as e:
+        raise TaskDataError(f"word list {path} is not UTF-8 text ({e}); {fix}") from None
+    except OSError as e:
+        raise TaskDataError(f"cannot read word list {path} ({e}); {fix}") from None
+    problem = word_list_problem(words)
+    if problem is not None:
+        raise TaskDataError(f"{path}: {problem}; {fix}")
     return words
 
 
@@ -115,9 +130,8 @@ def _spelled(word: str) -> str:
     return ",".join(word)
 
 
-class SpellingBee(Task):
-    """`size` letter-counting problems; generative, graded by the `#### N` answer (GSM8K's
-    extraction), reward 1.0 if right else 0.0."""
+class _WordTask(Task):
+    """`size` examples of a split, drawn from the word list (what both tasks share)."""
 
     eval_type = "generative"
 
@@ -137,6 +151,14 @@ class SpellingBee(Task):
     def num_examples(self) -> int:
         return self.size
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, split={self.split!r}, start={self.start})"
+
+
+class SpellingBee(_WordTask):
+    """`size` letter-counting problems; generative, graded by the `#### N` answer (GSM8K's
+    extraction), reward 1.0 if right else 0.0."""
+
     def get_example(self, index: int) -> Conversation:
         rng = _rng(self.split, index)
         # The draws, in nanochat's order: word, letter (from the word 90% of the time, else any
@@ -155,8 +177,8 @@ class SpellingBee(Task):
             question += "?"
 
         count = word.count(letter)
-        # Counting by hand: one line per position, "i:c" with no space (" a" and "a" are
-        # different tokens), the hits marked with the running count.
+        # The worked count, one line per position with a running total on every hit. "3:r"
+        # stays unspaced: "3: r" would hand the model the letter as another token, " r".
         steps, hits = [], 0
         for position, char in enumerate(word, start=1):
             if char == letter:
@@ -203,32 +225,14 @@ class SpellingBee(Task):
     def reward(self, conversation: Conversation, response: str) -> float:
         return float(self.evaluate(conversation, response))
 
-    def __repr__(self) -> str:
-        return f"SpellingBee(size={self.size}, split={self.split!r}, start={self.start})"
 
-
-class SimpleSpelling(Task):
+class SimpleSpelling(_WordTask):
     """`size` spelling exercises over the word list shuffled with random.Random(42); only for
     training (nanochat never evaluates it)."""
 
-    eval_type = "generative"
-
-    def __init__(
-        self,
-        size: int = 1000,
-        split: str = "train",
-        *,
-        words_path: str | Path | None = None,
-        **kwargs,
-    ):
-        _check(size, split)
-        super().__init__(**kwargs)
-        self.size, self.split = size, split
-        self.words = load_words(words_path)
+    def __init__(self, size: int = 1000, split: str = "train", **kwargs):
+        super().__init__(size, split, **kwargs)
         random.Random(SHUFFLE_SEED).shuffle(self.words)
-
-    def num_examples(self) -> int:
-        return self.size
 
     def get_example(self, index: int) -> Conversation:
         word = _rng(self.split, index).choice(self.words)
@@ -238,6 +242,3 @@ class SimpleSpelling(Task):
                 {"role": "assistant", "content": f"{word}:{_spelled(word)}"},
             ]
         }
-
-    def __repr__(self) -> str:
-        return f"SimpleSpelling(size={self.size}, split={self.split!r}, start={self.start})"
