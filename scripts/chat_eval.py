@@ -150,9 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name} accuracy: {100 * accuracy:.2f}%", flush=True)
 
     chatcore = chatcore_metric(results)
-    chatcore_item = {} if chatcore is None else {"ChatCORE metric": chatcore}
+    chatcore_item = {}
     if chatcore is not None:
-        print(f"ChatCORE metric: {chatcore:.4f}")
+        # The metric's own line keeps its name: report.py reads the summary table's ChatCORE by
+        # that exact key. How many tasks it averages (5, or 6 with SpellingBee) goes beside it.
+        chatcore_item = {"ChatCORE metric": chatcore, "ChatCORE tasks": len(results)}
+        print(f"ChatCORE metric: {chatcore:.4f} (over {len(results)} tasks)")
     demo = {"Task data": "offline demo (not comparable with nanochat)"} if is_demo() else {}
     path = report.log_section(
         f"Chat evaluation {args.source}", [vars(args), demo, results, chatcore_item]
