@@ -514,7 +514,12 @@ def collect_plots(
                 log.warning(f"{path} has no values to plot")
                 continue
             chart_title = f"{title} ({tag_dir.name})"
-            svg = render_svg(chart_title, panels, max_points=max_points)
+            try:
+                svg = render_svg(chart_title, panels, max_points=max_points)
+            except (ValueError, ArithmeticError) as e:  # ArithmeticError: overflow, zero division
+                # one odd metrics file must not cost the report its other charts
+                log.warning(f"could not plot {path} ({type(e).__name__}: {e}), not plotted")
+                continue
             plots.append(Plot(f"{_file_tag(tag_dir.name)}-{phase}.svg", chart_title, svg))
     return plots
 

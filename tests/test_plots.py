@@ -53,6 +53,21 @@ def test_nice_ticks():
         plots.nice_ticks(1.0, 1.0)
     with pytest.raises(ValueError, match="finite lo < hi"):
         plots.nice_ticks(0.0, math.inf)
+    # at the edges of float precision and range: distinct ticks inside [lo, hi], no overflow
+    assert plots.nice_ticks(1.0, 1.0000000000000002) == [1.0, 1.0000000000000002]
+    assert plots.nice_ticks(-1.7e308, 1.7e308) == [-1e308, 0.0, 1e308]
+    assert plots.nice_ticks(0.0, 5e-324) == [0.0, 5e-324]
+
+
+def test_tick_labels():
+    ticks = plots.nice_ticks(0.093, 0.176)
+    assert [plots._tick_label(t, ticks) for t in ticks] == ["0.10", "0.12", "0.14", "0.16"]
+    ticks = plots.nice_ticks(0, 2_000_000)
+    assert [plots._tick_label(t, ticks) for t in ticks][:3] == ["0", "5e+05", "1e+06"]
+    ticks = plots.nice_ticks(1e-20, 3e-20)
+    assert [plots._tick_label(t, ticks) for t in ticks][:2] == ["1e-20", "1.5e-20"]
+    assert plots._tick_label(3.0, [3.0]) == "3"  # one tick: no spacing to take decimals from
+    assert plots._tick_label(3.0, [3.0, 3.0]) == "3"
 
 
 def test_chart_structure_axes_and_legend():
@@ -142,3 +157,72 @@ def test_text_is_escaped_and_bad_input_is_clear():
         plots.render_svg("empty", [])
     with pytest.raises(ValueError, match="3 steps but 2 values"):
         plots.render_svg("bad", [Panel("x", "y", (Series("s", [0, 1, 2], [0.0, 1.0]),))])
+
+
+def _plot_area(root: ET.Element) -> list[tuple[float, float]]:
+    """(top, height) of each panel's framed plot area."""
+    return [
+        (float(r.get("y")), float(r.get("height")))
+        for r in root.iterfind(".//svg:rect", NS)
+        if r.get("fill") == "none"
+    ]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [1.0, 1.0000000000000002],  # constant up to rounding
+        [0.0, 5e-324],  # the smallest positive float
+        [-1.7e308, 1.7e308],  # the span overflows a float
+        [1.7e308, 1.7e308],
+    ],
+)
+def test_degenerate_and_extreme_ranges_render(values):
+    for steps in ([0, 1], [-1.7e308, 1.7e308]):
+        svg = plots.render_svg("odd", [Panel("x", "y", (Series("s", steps, values),))])
+        root = _parse(svg)
+        (line,) = _polylines(root)
+        ((top, height),) = _plot_area(root)
+        assert all(72 <= x <= 720 - 24 and top <= y <= top + height for x, y in line)
+        assert "nan" not in svg.lower() and "inf" not in svg.lower()
+        texts = list(root.iterfind(".//svg:text", NS))
+        for anchor in ("middle", "end"):  # the x and the y axis: distinct tick labels each
+            labels = [
+                t.text
+                for t in texts
+                if t.get("font-size") == "11" and t.get("text-anchor") == anchor
+            ]
+            assert len(labels) == len(set(labels)) >= 2, labels
+
+
+def test_many_legend_rows_grow_the_panel():
+    steps = [0, 1, 2]
+    few = [Series(f"a fairly long series name {i:02d}", steps, [i, i, i]) for i in range(4)]
+    many = [Series(f"a fairly long series name {i:02d}", steps, [i, i, i]) for i in range(14)]
+    two_rows = _parse(plots.render_svg("few", [Panel("p", "y", tuple(few))]))
+    grown = _parse(
+        plots.render_svg("many", [Panel("p", "y", tuple(many)), Panel("q", "y", (few[0],))])
+    )
+    # 14 items of ~250 px in rows of 624 px: 7 rows, 5 past the two that fit
+    assert float(grown.get("height")) == 30 + 240 + 5 * 18 + 240
+    (_, area_two), (top, area), (top_q, area_q) = _plot_area(two_rows) + _plot_area(grown)
+    assert area == area_two > 100  # the plot area keeps a two-row panel's height
+    assert top_q > top + area + 44  # the next panel starts below the grown one
+    assert area_q > area
+    legend_y = [
+        float(t.get("y"))
+        for t in grown.iterfind(".//svg:text", NS)
+        if (t.text or "").startswith("a fairly")
+    ][:14]
+    assert len(set(legend_y)) == 7 and max(legend_y) < top  # every row above the plot area
+
+
+def test_series_keep_their_colour_when_one_has_nothing_finite():
+    steps = [0, 1]
+    panels = [
+        Panel("all", "y", (Series("a", steps, [1, 2]), Series("b", steps, [3, 4]))),
+        Panel("no a", "y", (Series("a", steps, [math.nan] * 2), Series("b", steps, [3, 4]))),
+    ]
+    root = _parse(plots.render_svg("colours", panels))
+    colours = [line.get("stroke") for line in root.iterfind(".//svg:polyline", NS)]
+    assert colours == [plots._COLORS[0], plots._COLORS[1], plots._COLORS[1]]

@@ -567,6 +567,33 @@ def test_collect_plots_missing_empty_nan_and_stale(tmp_path, warnings):
     assert names == ["d2-base.svg", "d4-rl.svg", "my_run-mid.svg"]
 
 
+def test_collect_plots_odd_values_and_a_failing_chart(tmp_path, warnings, monkeypatch):
+    runs = tmp_path / "runs"
+    odd = [(0, {"train/loss": 1.0}), (1, {"train/loss": 1.0000000000000002})]
+    odd += [(0, {"val/bpb": -1.7e308}), (1, {"val/bpb": 1.7e308})]
+    _write_jsonl(runs / "a" / "base" / "metrics.jsonl", odd)
+    _write_jsonl(runs / "b" / "base" / "metrics.jsonl", [(0, {"train/loss": 2.0})])
+    _write_jsonl(runs / "c" / "base" / "metrics.jsonl", [(0, {"train/loss": 3.0})])
+    assert [p.name for p in report.collect_plots(tmp_path)] == [
+        "a-base.svg",
+        "b-base.svg",
+        "c-base.svg",
+    ]
+    render = report.render_svg
+
+    def fail_for_b(title, panels, **kwargs):
+        if "(b)" in title:
+            raise OverflowError("math range error")
+        return render(title, panels, **kwargs)
+
+    monkeypatch.setattr(report, "render_svg", fail_for_b)
+    assert [p.name for p in report.collect_plots(tmp_path)] == ["a-base.svg", "c-base.svg"]
+    messages = [r.getMessage() for r in warnings]
+    assert any(
+        "b/base/metrics.jsonl (OverflowError: math range error), not plotted" in m for m in messages
+    )
+
+
 def test_generate_writes_plots_and_links_them(tmp_path, capsys):
     """A MetricsWriter's real file, downsampled; report.md links that resolve in both copies."""
     from nanochat_jax.metrics import MetricsWriter
