@@ -13,13 +13,14 @@ internet. The content is simple enough for a tiny model to learn some of it:
 - SmolTalk: conversations about the standard library built from its docstrings ("What does
   `textwrap.dedent` do?"), plus small talk, arithmetic and capitals.
 - For nanochat's opt-in extras (tasks/mixtures.py): `words_alpha.txt`, a sorted list of a few
-  thousand lowercase words (the demo's real words plus generated English-looking ones) for
-  SpellingBee/SimpleSpelling, and `identity_conversations.jsonl`, conversations in which the
-  assistant says what it is (nanochat-jax), written here for the demo.
+  thousand lowercase words (the demo's own words and words of the Python reference's prose,
+  made-up English-looking ones only past those) for SpellingBee/SimpleSpelling, and
+  `identity_conversations.jsonl`, conversations in which the assistant says what it is
+  (nanochat-jax), written here for the demo.
 
 Every dataset has its own seeded random.Random, so the output is the same on every run (for a
-given Python build: the docstrings come from it). A marker file (`task_data/.demo_tasks.json`)
-keeps downloads and demo data from mixing.
+given Python build: the docstrings and the reference's prose come from it). A marker file
+(`task_data/.demo_tasks.json`) keeps downloads and demo data from mixing.
 
     python -m nanochat_jax.demo_tasks [--scale 1.0]
 """
@@ -27,11 +28,13 @@ keeps downloads and demo data from mixing.
 from __future__ import annotations
 
 import argparse
+import builtins
 import importlib
 import inspect
 import json
 import keyword
 import random
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -880,13 +883,48 @@ def _made_up_word(rng: random.Random) -> str:
     return inner + last + rng.choice(_ENDINGS)
 
 
+# Prose of the Python reference that `help()` shows (pydoc_data.topics), read for its words: a
+# paragraph is prose when it starts like a sentence and has no grammar rule, prompt or operator
+# in it; quoted and parenthesized names (`"__init__"`, `*fillchar*`, `(x.y=1)`) are cut first.
+_NOT_PROSE = ("::=", ">>>", "==", "->")
+_SENTENCE_END = re.compile(r"[a-z][.:;,]\s")
+_QUOTED = re.compile(r'"[^"\n]*"|\*[^*\n]*\*|“[^”]*”|`[^`]*`|\([^()\n]*[=_.][^()\n]*\)')
+# two or more lowercase letters that are not part of a dotted, hyphenated or called name
+_PROSE_WORD = re.compile(r"(?<![\w.\-'’/])[a-z]{2,}(?![\w(’'/]|\.\w|-)")
+
+
+def _prose_words() -> list[str]:
+    """The distinct lowercase words of pydoc_data.topics' prose, sorted, without Python's
+    keywords and builtin names: real English words (with some of Python's jargon: "iterable",
+    "docstring"), about 2,000 of them, the same on every run of a given Python build. Empty if
+    the build lacks pydoc_data."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        return []
+    names = set(keyword.kwlist) | set(dir(builtins))
+    words: set[str] = set()
+    for topic in topics.values():
+        for paragraph in re.split(r"\n\s*\n", topic):
+            start = paragraph.strip().removeprefix("* ")[:1]
+            if not start.isupper() or any(mark in paragraph for mark in _NOT_PROSE):
+                continue
+            if _SENTENCE_END.search(paragraph + " "):
+                words.update(_PROSE_WORD.findall(_QUOTED.sub(" ", paragraph)))
+    return sorted(words - names)
+
+
 def _demo_words(rng: random.Random, n: int) -> list[str]:
-    """`n` distinct lowercase words, sorted like words_alpha.txt: the demo's real words first,
-    then made-up ones."""
-    real = [*WORDS, *COLORS, *ITEMS, *NOT_KEYWORDS, *PLURALS, *PLURALS.values(), *_MORE_WORDS]
-    real += [*SHAPES, *(x.lower() for x in (*DAYS, *MONTHS, *PLANETS))]
-    real += [w for pair in OPPOSITES for w in pair] + [w for ws in ANIMALS.values() for w in ws]
-    words = dict.fromkeys(w for w in real if w.isalpha())
+    """`n` distinct lowercase words, sorted like words_alpha.txt: the words of the demo's facts
+    first (those the other demo tasks use, "strawberry" and co.), then a seeded sample of the
+    Python reference's prose words (_prose_words), then made-up English-looking ones only if
+    those run out (n above ~2,300)."""
+    facts = [*WORDS, *COLORS, *ITEMS, *NOT_KEYWORDS, *PLURALS, *PLURALS.values(), *_MORE_WORDS]
+    facts += [*SHAPES, *(x.lower() for x in (*DAYS, *MONTHS, *PLANETS))]
+    facts += [w for pair in OPPOSITES for w in pair] + [w for ws in ANIMALS.values() for w in ws]
+    words = dict.fromkeys(w for w in facts if re.fullmatch("[a-z]+", w))
+    prose = [w for w in _prose_words() if w not in words]
+    words.update(dict.fromkeys(rng.sample(prose, min(len(prose), max(0, n - len(words))))))
     while len(words) < n:
         words.setdefault(_made_up_word(rng))
     return sorted(list(words)[:n])

@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import keyword
+import random
 import re
 from pathlib import Path
 
@@ -30,6 +31,11 @@ from nanochat_jax.tokenizer import Tokenizer
 
 GOLDEN = Path(__file__).parent / "golden"
 CFG = DemoTasksConfig()
+# nanochat's calculator refuses `.count(` expressions holding these (engine.use_calculator)
+COUNT_REFUSED = (
+    "__", "import", "exec", "eval", "compile", "open", "file", "input", "raw_input", "globals",
+    "locals", "vars", "dir", "getattr", "setattr", "delattr", "hasattr",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -295,13 +301,22 @@ def test_extra_files_load_through_the_tasks(demo, tok):
     assert {"strawberry", "banana", "mississippi"} <= set(words)
     assert 6 < sum(map(len, words)) / len(words) < 11  # English-like lengths
     hf_data.verify_word_list(demo / "task_data" / "words_alpha.txt")
+    # real words (the Python reference's prose) for all but a few hundred
+    assert len(set(words) & set(demo_tasks._prose_words())) > 2000
 
-    bee = SpellingBee(size=200, split="test")
+    bee = SpellingBee(size=400, split="test")
     assert bee.words == words
+    refused = 0
     for conversation in bee:
         parts = conversation["messages"][1]["content"]
-        assert str(use_calculator(parts[2]["text"])) == parts[3]["text"]
+        result = use_calculator(parts[2]["text"])
+        if any(pattern in parts[2]["text"] for pattern in COUNT_REFUSED):  # "directive", ...
+            assert result is None
+            refused += 1
+        else:
+            assert str(result) == parts[3]["text"]
         assert bee.reward(conversation, parts[-1]["text"]) == 1.0
+    assert refused > 0
     assert len(SimpleSpelling(size=50)) == 50
 
     identity = CustomJSON(demo / "task_data" / "identity_conversations.jsonl")
@@ -311,6 +326,24 @@ def test_extra_files_load_through_the_tasks(demo, tok):
     hf_data.verify_conversations(demo / "task_data" / "identity_conversations.jsonl")
     ids, mask = tok.render_conversation(identity[0])
     assert sum(mask) > 0
+
+
+def test_prose_words_are_words():
+    words = demo_tasks._prose_words()
+    assert words == sorted(set(words)) and all(re.fullmatch(r"[a-z]{2,}", w) for w in words)
+    assert len(words) > 1500 and {"assignment", "statement", "value", "number"} <= set(words)
+    # not Python's names, nor the identifiers of grammar rules and signatures
+    assert not set(words) & {"def", "elif", "isinstance", "getattr", "fillchar", "longbyteschar"}
+
+
+def test_word_list_takes_real_words_before_made_up_ones():
+    prose = set(demo_tasks._prose_words())
+    small = demo_tasks.generate_files(DemoTasksConfig(scale=0.2))["words_alpha.txt"].split()
+    assert len(small) == 600 and {"strawberry", "banana"} <= set(small)
+    assert len(set(small) - prose) < 200  # only the demo's own words are not prose words
+    # past every real word, made-up ones fill up to the count
+    big = demo_tasks._demo_words(random.Random(0), len(prose) + 1000)
+    assert prose <= set(big) and len(big) == len(set(big)) == len(prose) + 1000
 
 
 def test_extra_files_are_deterministic_and_scale():
