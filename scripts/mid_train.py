@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -66,7 +67,9 @@ class MidTrainConfig:
     spelling_rows: str = ""  # "SIMPLE,BEE" rows of SimpleSpelling, SpellingBee; "" = 200K,80K
 
 
-def load_mixtures(extra: tuple[str, ...] = (), spelling_rows: tuple[int, int] | None = None):
+def load_mixtures(
+    extra: tuple[str, ...] = (), spelling_rows: tuple[int, int] | None = None
+) -> tuple[Any, Any]:
     """nanochat's (train, val) mixtures for midtraining, with the opt-in extras
     (tasks.mixtures)."""
     from nanochat_jax.tasks.mixtures import mid_mixtures
