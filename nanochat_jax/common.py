@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 DEFAULT_BASE_DIR = Path.home() / ".cache" / "nanochat_jax"
@@ -52,6 +53,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 COMPILE_CACHE_ENV = "NANOCHAT_JAX_COMPILE_CACHE"
 _COMPILE_CACHE_OFF = ("0", "off", "false", "no")
+_COMPILE_CACHE_ON = ("1", "on", "true", "yes")  # the default directory, not a folder named "1"
 # Only programs that took this long to compile are written (JAX's default is 1 s). Measured on
 # CPU (demo base_eval, depth 3): a cached forward reads back in 10-50 ms where compiling it took
 # 0.4-1.3 s, and a small helper (argmax, casts, init) compiles in 10-100 ms, so 0.2 s keeps every
@@ -64,39 +66,63 @@ def enable_compilation_cache(base_dir: str | Path | None = None) -> Path | None:
     """Turn on JAX's persistent compilation cache, so a stage run again (or the next stage,
     compiling the same program) loads compiled executables from disk instead of recompiling.
 
-    The directory: $NANOCHAT_JAX_COMPILE_CACHE if set (`0` or `off`: no cache), else
-    `<base_dir>/jax_cache` (default base dir: get_base_dir()). A directory this process (or
-    JAX_COMPILATION_CACHE_DIR) already gave JAX is kept: JAX opens its cache once per process.
-    Returns the directory in use, or None. A directory that cannot be written costs one warning
-    and the run goes on without the cache; errors reading or writing entries later are JAX's
-    warnings, never exceptions (jax_raise_persistent_cache_errors stays off).
+    Call it before the first jit compile of the process: JAX decides at its first compile
+    whether this process uses a cache, once; a later call sets the options but has no effect.
+
+    The directory: $NANOCHAT_JAX_COMPILE_CACHE if it names one (relative to the current
+    directory; `~` expanded), else `<base_dir>/jax_cache` (default base dir: get_base_dir()),
+    also when the variable is `1`, `on`, `true` or `yes`. `0`, `off`, `false` or `no`: this
+    function turns nothing on; a cache JAX was given itself (JAX_COMPILATION_CACHE_DIR, or
+    jax.config) stays in use all the same, which is logged at info. A directory JAX already has
+    is kept (with an info line): JAX opens its cache once per process. Returns the directory in
+    use, or None. A directory that cannot be written costs one warning and the run goes on
+    without the cache; errors reading or writing entries later are JAX's warnings, never
+    exceptions (jax_raise_persistent_cache_errors stays off).
 
     Sharing: entries are named by a hash of the program, the compile options (on CPU the device
     assignment too), the XLA flags and the jax/jaxlib/backend versions, so stale entries are
     never used, only left behind (delete the directory to reclaim the space). JAX writes an
     entry in place, not through a rename: a process that reads it while another is writing it,
     or one left half-written by a killed run, fails to deserialize, which JAX turns into a
-    warning and a fresh compile. Under jax.distributed only process 0 writes.
+    warning and a fresh compile. Under jax.distributed only process 0 writes. Hosts may share
+    the directory (e.g. over NFS): the write probe is a unique temporary file.
     """
+    log = get_logger(__name__)
     setting = os.environ.get(COMPILE_CACHE_ENV, "").strip()
     if setting.lower() in _COMPILE_CACHE_OFF:
+        jax_own = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+        if jax_own:
+            log.info(
+                "%s=%s, but JAX_COMPILATION_CACHE_DIR=%s is JAX's own setting: that cache "
+                "stays in use",
+                COMPILE_CACHE_ENV,
+                setting,
+                jax_own,
+            )
         return None
+    if setting.lower() in _COMPILE_CACHE_ON:
+        setting = ""
     import jax  # here, not at the top: tokenizer-only scripts import this module too
 
-    log = get_logger(__name__)
     if jax.config.jax_compilation_cache_dir:
-        return Path(jax.config.jax_compilation_cache_dir)
+        directory = Path(jax.config.jax_compilation_cache_dir)
+        log.info("compilation cache: %s (already set in JAX, kept)", directory)
+        return directory
     where = setting or f"{base_dir or '<base dir>'}/jax_cache"
     try:
         if "://" in setting:
             raise ValueError("not a local directory")
-        directory = Path(setting).expanduser() if setting else Path(base_dir or get_base_dir())
-        directory = directory if setting else directory / "jax_cache"
+        if setting:
+            directory = Path(setting).expanduser().resolve()
+        else:
+            directory = (Path(base_dir or get_base_dir()).expanduser() / "jax_cache").resolve()
         where = str(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".probe-{os.getpid()}"  # mkdir succeeds on a read-only directory
-        probe.write_bytes(b"")
-        probe.unlink()
+        # mkdir succeeds on a read-only directory, so write something; mkstemp's name is unique
+        # even among hosts sharing the directory
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", _CACHE_MIN_COMPILE_TIME_S)
         # -1: no size floor, and none of JAX's per-filesystem overrides; compile time decides.
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)

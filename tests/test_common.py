@@ -46,15 +46,20 @@ print(json.dumps({{
 """
 
 
-def _child(base: Path, cache: str | None = None) -> tuple[dict, str]:
-    """(the child's report, its stderr)."""
+def _child(
+    base: Path, cache: str | None = None, cwd: Path = ROOT, jax_dir: Path | None = None
+) -> tuple[dict, str]:
+    """(the child's report, its stderr); `jax_dir`: JAX's own JAX_COMPILATION_CACHE_DIR."""
     env = dict(os.environ, NANOCHAT_JAX_BASE_DIR=str(base), JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.pop(common.COMPILE_CACHE_ENV, None)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     if cache is not None:
         env[common.COMPILE_CACHE_ENV] = cache
+    if jax_dir is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(jax_dir)
     done = subprocess.run(
-        [sys.executable, "-c", _CHILD], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-c", _CHILD], cwd=cwd, env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.splitlines()[-1]), done.stderr
@@ -83,6 +88,46 @@ def test_an_explicit_directory(tmp_path):
     assert report["directory"] == str(tmp_path / "elsewhere")
     assert _entries(tmp_path / "elsewhere")
     assert not (tmp_path / "base" / "jax_cache").exists()
+
+
+def test_on_means_the_default_directory_and_relative_paths_resolve(tmp_path):
+    report, _ = _child(tmp_path, "On")
+    assert report["directory"] == report["jax_dir"] == str(tmp_path / "jax_cache")
+    assert _entries(tmp_path / "jax_cache")
+    assert not (ROOT / "On").exists() and not (tmp_path / "On").exists()
+    work = tmp_path / "work"
+    work.mkdir()
+    report, _ = _child(tmp_path, "sub/../rel_cache", cwd=work)
+    assert report["directory"] == report["jax_dir"] == str(work / "rel_cache")  # absolute
+    assert _entries(work / "rel_cache")
+
+
+def test_a_directory_jax_already_has_is_kept(tmp_path):
+    report, stderr = _child(tmp_path, jax_dir=tmp_path / "jax_own")
+    assert report["directory"] == report["jax_dir"] == str(tmp_path / "jax_own")
+    assert "already set in JAX, kept" in stderr
+    assert not (tmp_path / "jax_cache").exists()
+
+
+def test_off_leaves_jax_own_setting_and_says_so(tmp_path, monkeypatch):
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("nanochat_jax")
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    logger.addHandler(handler)
+    monkeypatch.setenv(common.COMPILE_CACHE_ENV, "off")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_own"))
+    try:
+        assert common.enable_compilation_cache(tmp_path) is None
+    finally:
+        logger.removeHandler(handler)
+    [record] = records
+    assert record.levelno == logging.INFO
+    message = record.getMessage()
+    assert f"JAX_COMPILATION_CACHE_DIR={tmp_path / 'jax_own'}" in message
+    assert "stays in use" in message
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_off_writes_nothing(tmp_path, monkeypatch):
