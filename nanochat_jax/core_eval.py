@@ -191,11 +191,12 @@ def bucket_length(length: int, cap: int) -> int:
 class _RowScorer:
     """Queues rows by length bucket and runs a bucket's batch as soon as it is full.
 
-    Each bucket length L (bucket_length, at most max_len) has one row count, so every forward
-    has one of a handful of shapes. `finish` runs the leftovers, longest bucket first, in
-    quarter batches (a whole batch where that leaves less padding), and fills their spare rows
-    with leftovers of shorter buckets before padding with dummy rows. Results
-    stay on device until `finish`, so the host prepares the next rows while the device works."""
+    Each bucket length L (bucket_length, at most max_len) has two row counts, a whole batch
+    (rows_per_batch) and a quarter batch for leftovers (partial_rows), so every forward has one
+    of a handful of shapes. `finish` runs the leftovers, longest bucket first, and fills their
+    batches' spare rows with leftovers of shorter buckets before padding with dummy rows.
+    Results stay on device until `finish`, so the host prepares the next rows while the device
+    works."""
 
     def __init__(
         self, model: GPT, bos: int, batch_rows: int, batch_tokens: int, max_len: int, mesh
@@ -221,8 +222,9 @@ class _RowScorer:
         return per_device * self.dp
 
     def partial_rows(self, bucket: int, num_rows: int) -> int:
-        """Rows of the batch that runs the next of `num_rows` leftover rows: a full batch if a
-        quarter batch would leave fewer rows than it holds, else a quarter batch."""
+        """The size of the next batch of `bucket` when `num_rows` of its rows are left over: a
+        whole batch when that pads it with fewer dummy rows than a quarter batch holds
+        (num_rows > whole - quarter), else a quarter batch (at least one row per device)."""
         full = self.rows_per_batch(bucket)
         part = max(1, full // self.dp // _PARTIAL_BATCH_FRACTION) * self.dp
         return full if num_rows > full - part else part

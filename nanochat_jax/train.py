@@ -280,6 +280,8 @@ class TrainLoop:
     # mid_train: each step's fraction of the data, shown instead of (step + 1) / steps_total and
     # logged as train/progress; its line has no eta, as nanochat's
     progress: Sequence[float] | None = None
+    accum_steps: int = dataclasses.field(init=False)  # micro-batches per step, from the flags
+    _step_fn: Callable = dataclasses.field(init=False, repr=False)  # the compiled train step
 
     def __post_init__(self):
         flags = self.flags
@@ -347,6 +349,7 @@ class TrainLoop:
 
     def _log_step(self, clock: StepClock, step: int, metrics: dict) -> None:
         """Host-side logging of a finished step (called one step late: never blocks the device)."""
+        metrics = jax.device_get(metrics)  # one transfer for all of the step's scalars
         loss = float(metrics["loss"])
         stage.check_loss(loss, step)
         s = clock.tick(step, loss)

@@ -299,6 +299,7 @@ def _loop(monkeypatch, events, *, losses=None, flags=None, **kwargs):
         **kwargs,
     )
     assert compiled == [(2, 4 * world, 16)]  # compiled once, when made
+    assert loop.accum_steps == 2
     return loop
 
 
@@ -423,3 +424,8 @@ def test_nan_loss_ends_the_run_with_one_error_line(monkeypatch):
     with pytest.raises(SystemExit, match="error: loss is nan at step 2"):
         loop.run()
     assert ("step", 3) in events  # found one step late, without waiting on the device
+
+
+def test_loop_derived_fields_are_not_arguments():
+    derived = {f.name for f in dataclasses.fields(train.TrainLoop) if not f.init}
+    assert derived == {"accum_steps", "_step_fn"}
