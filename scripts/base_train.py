@@ -212,24 +212,25 @@ def main(argv: list[str] | None = None) -> None:
             print(text, flush=True)
         writer.text(step, "samples", "\n\n".join(samples))
 
-    loop = train.TrainLoop(
-        state,
-        optimizer,
-        cfg,
-        writer,
-        micro_batch=lambda step, m: next(train_loader),  # in the loader's (restored) order
-        world_size=dp,
-        steps_total=steps_total,
-        lrm_by_step=lrm_by_step,
-        start_step=start_step,
-        val_bpb=val_bpb,
-        periodic=[  # after the val bpb, in nanochat's order
-            train.Periodic(cfg.core_metric_every if core_bundle is not None else -1, core),
-            train.Periodic(cfg.sample_every, sample),
-        ],
-        save=save,
-    )
-    try:
+    periodic = []  # after the val bpb, in nanochat's order
+    if core_bundle is not None:
+        periodic.append(train.Periodic(cfg.core_metric_every, core))
+    periodic.append(train.Periodic(cfg.sample_every, sample))
+    try:  # the loop compiles the train step when made: inside, so errors there close too
+        loop = train.TrainLoop(
+            state,
+            optimizer,
+            cfg,
+            writer,
+            micro_batch=lambda step, m: next(train_loader),  # in the loader's (restored) order
+            world_size=dp,
+            steps_total=steps_total,
+            lrm_by_step=lrm_by_step,
+            start_step=start_step,
+            val_bpb=val_bpb,
+            periodic=periodic,
+            save=save,
+        )
         result = loop.run()
     finally:  # also on errors and Ctrl-C: let an async save finish
         ckpt.close()

@@ -247,25 +247,31 @@ def main(argv: list[str] | None = None) -> None:
         }
         ckpt.save(step, params=state.params, opt_state=state.opt_state, meta=meta)
 
+    def micro_batch(step: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+        # the data lays out data.accum_steps windows per step (checked against the loop's below)
+        return data.micro_batch(step * data.accum_steps + m)
+
     # Logging only: nanochat's mid_train counts its step up before debiasing the EMA loss, so
     # its smoothed loss at step s divides by 1 - 0.9**(s + 2); the loop's StepClock uses
     # base_train's 1 - 0.9**(s + 1). The two agree within a few steps; training is unaffected.
-    loop = train.TrainLoop(
-        state,
-        optimizer,
-        cfg,
-        writer,
-        micro_batch=lambda step, m: data.micro_batch(step * accum + m),
-        world_size=world,
-        steps_total=steps_total,
-        lrm_by_step=lrm_by_step,
-        start_step=start_step,
-        val_bpb=val_bpb,
-        always_eval_last=True,  # as nanochat: at the last step whatever eval_every is
-        save=None if cfg.dry_run else save,
-        progress=data.progress,
-    )
-    try:
+    try:  # the loop compiles the train step when made: inside, so errors there close too
+        loop = train.TrainLoop(
+            state,
+            optimizer,
+            cfg,
+            writer,
+            micro_batch=micro_batch,
+            world_size=world,
+            steps_total=steps_total,
+            lrm_by_step=lrm_by_step,
+            start_step=start_step,
+            val_bpb=val_bpb,
+            always_eval_last=True,  # as nanochat: at the last step whatever eval_every is
+            save=None if cfg.dry_run else save,
+            progress=data.progress,
+        )
+        # both come from grad_accum_steps of the same flags and world size
+        assert loop.accum_steps == data.accum_steps, (loop.accum_steps, data.accum_steps)
         result = loop.run()
     finally:  # also on errors and Ctrl-C: let an async save finish
         ckpt.close()
