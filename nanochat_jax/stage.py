@@ -247,12 +247,6 @@ def load_source(phase: str, model_tag: str | None, step: int | None, tokenizer: 
     return SourceModel(tag, Path(directory), config, meta)
 
 
-def check_loss(loss: float, step: int) -> None:
-    """A NaN/inf training loss ends the run with one error line."""
-    if not math.isfinite(loss):
-        raise SystemExit(f"error: loss is {loss} at step {step}; stopping (lower the lrs?)")
-
-
 def check_flags(
     cfg: Any, *, positive: Sequence[str] = (), non_negative: Sequence[str] = ()
 ) -> None:

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nanochat_jax import sharding, stage
+from nanochat_jax import sharding
 from nanochat_jax.common import get_logger
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.metrics import MetricsWriter, StepClock, flops_per_token
@@ -207,6 +207,12 @@ def make_train_step(
     return jitted.lower(state.params, state.opt_state, state.rest, *batch).compile()
 
 
+def check_loss(loss: float, step: int) -> None:
+    """A NaN/inf training loss ends the run with one error line (every training stage)."""
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: loss is {loss} at step {step}; stopping (lower the lrs?)")
+
+
 class LoopFlags(Protocol):
     """The flags a stage's TrainLoop follows (base_train and mid_train share nanochat's names)."""
 
@@ -351,7 +357,7 @@ class TrainLoop:
         """Host-side logging of a finished step (called one step late: never blocks the device)."""
         metrics = jax.device_get(metrics)  # one transfer for all of the step's scalars
         loss = float(metrics["loss"])
-        stage.check_loss(loss, step)
+        check_loss(loss, step)
         s = clock.tick(step, loss)
         lrm = float(self.lrm_by_step[step])
         total = self.steps_total

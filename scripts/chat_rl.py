@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
             rollout_s, train_s = rollout_s + t1 - t0, train_s + t2 - t1
             rollout_tokens += generated
             lrm = 1 - step / num_steps  # times init_lr_frac: the base lrs' multiplier
-            stage.check_loss(loss, step)
+            train.check_loss(loss, step)
             print(
                 f"Step {step}/{num_steps} | Average reward: {mean_reward} | Average sequence "
                 f"length: {mean_len:.2f} | loss: {loss:.6f} | lrm: {lrm:.4f} | rollout: "

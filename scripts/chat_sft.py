@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         loss = float(result["loss"])
         now = time.perf_counter()
         dt, t_last = now - t_last, now
-        stage.check_loss(loss, step)
+        train.check_loss(loss, step)
         train_loss = loss
         lrm = 1.0 - step / num_iterations
         if step % cfg.log_every == 0 or step == num_iterations - 2:

@@ -138,10 +138,3 @@ def test_check_flags(change, message):
             _Flags(**change), positive=["device_batch_size"], non_negative=["temperature"]
         )
     assert str(info.value).startswith(f"error: {message}") and "\n" not in str(info.value)
-
-
-def test_check_loss():
-    stage.check_loss(2.5, 3)
-    for bad in (float("nan"), float("inf")):
-        with pytest.raises(SystemExit, match=r"^error: loss is (nan|inf) at step 7; stopping"):
-            stage.check_loss(bad, 7)

@@ -429,3 +429,10 @@ def test_nan_loss_ends_the_run_with_one_error_line(monkeypatch):
 def test_loop_derived_fields_are_not_arguments():
     derived = {f.name for f in dataclasses.fields(train.TrainLoop) if not f.init}
     assert derived == {"accum_steps", "_step_fn"}
+
+
+def test_check_loss():
+    train.check_loss(2.5, 3)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(SystemExit, match=r"^error: loss is (nan|inf) at step 7; stopping"):
+            train.check_loss(bad, 7)
