@@ -3,7 +3,7 @@
     uv run python -m bench.bench_eval --torch-nanochat PATH [--depth 4] [--vocab 8192]
         [--seq-len 2048] [--bundle DIR] [--max-per-task N] [--tokenizer DIR]
         [--task-base-dir DIR] [--chat-tasks ARC-Easy MMLU] [--max-problems N] [--batch-size 8]
-        [--work-dir DIR] [--json OUT]
+        [--no-core] [--work-dir DIR] [--json OUT]
 
 Both sides get the same model, tokenizer and data:
 * model: GPTConfig.from_depth(--depth) with random weights (nanochat's init zeroes lm_head, so
@@ -14,7 +14,7 @@ Both sides get the same model, tokenizer and data:
 * CORE: the tasks of --bundle DIR, or of the offline demo bundle (`eval_bundle --demo`, written
   into the work dir), each shuffled with Random(1337) and cropped to --max-per-task as base_eval
   does. Ours: `core_eval.evaluate_task` (batched, length buckets); nanochat's:
-  `nanochat.core_eval.evaluate_task` (one forward per example).
+  `nanochat.core_eval.evaluate_task` (one forward per example). --no-core: chat only.
 * chat: `chat_eval.run_chat_eval(name, ..., task=...)` vs nanochat's
   `scripts/chat_eval.py::run_categorical_eval`, both handed the same task object of ours
   (nanochat's task classes load Hugging Face datasets; its eval loop only needs len, [i] and
@@ -35,10 +35,11 @@ than one thread. --threads default leaves both frameworks their own thread pools
 The "CPU cores busy" figures (CPU time / wall time) show what each side really used; the "per
 CPU second" rates (work / CPU time) are the steadier comparison when other jobs share the core.
 
-The CORE report also counts the token positions each side forwards: nanochat pads an example's
-rows to its longest; ours pads rows to half-octave length buckets and fills each batch with
-dummy rows (counted as the batches run), which on a compute-bound CPU costs part of what batching
-saves.
+Both reports also count the token positions each side forwards. CORE: nanochat pads an
+example's rows to its longest; ours pads rows to half-octave length buckets and fills each batch
+with dummy rows (counted as the batches run). Chat: nanochat pads a batch's prompts to its
+longest; ours are counted as the batches run. On a compute-bound CPU padding costs part of what
+batching saves.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chat-tasks", nargs="*", default=["ARC-Easy", "MMLU"])
     parser.add_argument("--max-problems", type=int, default=None, help="per chat task")
     parser.add_argument("--batch-size", type=int, default=8, help="chat categorical batch")
+    parser.add_argument("--no-core", action="store_true", help="chat categorical eval only")
     parser.add_argument(
         "--threads",
         choices=["1", "default"],
@@ -199,37 +201,49 @@ def _core_positions(tokenizer, tasks: list[_CoreTask], max_len: int) -> dict[str
     return out
 
 
+def _chat_positions(tokenizer, task, num_problems: int, batch_size: int) -> dict[str, int]:
+    """Prompt tokens of the first `num_problems` problems, and the positions nanochat forwards
+    (batches of `batch_size` problems in order, each padded to its longest prompt)."""
+    lengths = [len(tokenizer.render_for_completion(task[i])) for i in range(num_problems)]
+    nanochat = sum(
+        len(lengths[i : i + batch_size]) * max(lengths[i : i + batch_size])
+        for i in range(0, num_problems, batch_size)
+    )
+    return {"real": sum(lengths), "nanochat": nanochat}
+
+
 @contextlib.contextmanager
-def _counting_forwards(counts: dict[str, int]):
-    """Counts the rows and token positions of every batch core_eval forwards (length buckets,
-    dummy rows and all) by wrapping its jitted scoring function, which stays the same."""
-    from nanochat_jax import core_eval
+def _counting_forwards(counts: dict[str, int], module, name: str, tokens_arg: int):
+    """Counts the batches and token positions (padding and dummy rows included) of every call of
+    the jitted forward `module.name` (whose positional argument `tokens_arg` is the token
+    batch), by wrapping it; the function itself stays the same."""
+    forward = getattr(module, name)
 
-    score_rows = core_eval._score_rows
-
-    def counting(graphdef, mesh, state, tokens_RL, *rest):
-        counts["jax"] = counts.get("jax", 0) + tokens_RL.size
+    def counting(*args):
+        counts["jax"] = counts.get("jax", 0) + args[tokens_arg].size
         counts["batches"] = counts.get("batches", 0) + 1
-        return score_rows(graphdef, mesh, state, tokens_RL, *rest)
+        return forward(*args)
 
-    core_eval._score_rows = counting
+    setattr(module, name, counting)
     try:
         yield
     finally:
-        core_eval._score_rows = score_rows
+        setattr(module, name, forward)
 
 
 # ---- JAX side ---------------------------------------------------------------------------------
 
 
 def _jax_core(model, tokenizer, tasks: list[_CoreTask], clock: _CompileClock) -> dict:
+    from nanochat_jax import core_eval
     from nanochat_jax.core_eval import evaluate_task
 
     out = {"tasks": {}, "forwarded": {}}
     for phase in ("cold", "warm"):
         compile_before, total, cpu_before = clock.seconds, 0.0, time.process_time()
         # the cold run counts what is forwarded (same batches as the warm run's)
-        with _counting_forwards(out["forwarded"]) if phase == "cold" else contextlib.nullcontext():
+        counting = _counting_forwards(out["forwarded"], core_eval, "_score_rows", 3)
+        with counting if phase == "cold" else contextlib.nullcontext():
             for task in tasks:
                 start = time.perf_counter()
                 accuracy = evaluate_task(model, tokenizer, task.data, task.meta)
@@ -246,24 +260,30 @@ def _jax_core(model, tokenizer, tasks: list[_CoreTask], clock: _CompileClock) ->
 
 
 def _jax_chat(model, tokenizer, tasks: dict, batch_size, max_problems, clock) -> dict:
-    from nanochat_jax.chat_eval import run_chat_eval
+    from nanochat_jax import chat_eval
 
     out = {}
     for name, task in tasks.items():
-        row = {}
+        row = {"forwarded": {}}
         for phase in ("cold", "warm"):
             compile_before, cpu_before = clock.seconds, time.process_time()
+            # the cold run counts what is forwarded (same batches as the warm run's)
+            counting = _counting_forwards(row["forwarded"], chat_eval, "_answer_logits", 2)
             start = time.perf_counter()
-            row["accuracy"] = run_chat_eval(
-                name,
-                model,
-                tokenizer,
-                batch_size=batch_size,
-                max_problems=max_problems,
-                task=task,
-                progress=False,
-            )
+            with counting if phase == "cold" else contextlib.nullcontext():
+                accuracy = chat_eval.run_chat_eval(
+                    name,
+                    model,
+                    tokenizer,
+                    batch_size=batch_size,
+                    max_problems=max_problems,
+                    task=task,
+                    progress=False,
+                )
             row[f"{phase}_s"] = time.perf_counter() - start
+            if phase == "warm" and row["accuracy"] != accuracy:
+                raise AssertionError(f"{name}: cold and warm runs disagree")
+            row["accuracy"] = accuracy
             row[f"{phase}_cpu_s"] = time.process_time() - cpu_before
             row[f"{phase}_compile_s"] = clock.seconds - compile_before
         out[name] = row
@@ -495,6 +515,14 @@ def _print_chat(
         print(f"; nanochat {cores}. Prompts rendered identically by both tokenizers: ", end="")
         print("yes" if identical else "NO", end="")
     print()
+    for name, ours in jax_chat.items():
+        positions, forwarded = ours["positions"], ours["forwarded"]
+        print(
+            f"  token positions forwarded, {name}: {positions['real']} real; nanochat "
+            f"{positions['nanochat']} (x{positions['nanochat'] / positions['real']:.2f}), JAX "
+            f"{forwarded['jax']} (x{forwarded['jax'] / positions['real']:.2f}, in "
+            f"{forwarded['batches']} batches)"
+        )
     return problems
 
 
@@ -523,8 +551,10 @@ def main(argv: list[str] | None = None) -> int:
         from nanochat_jax.tasks import get_task
 
         tokenizer, tokenizer_dir = _tokenizer(args, work)
-        bundle = Path(args.bundle) if args.bundle else write_demo_bundle(work)
-        core_tasks = _core_tasks(bundle, args.max_per_task)
+        bundle, core_tasks = None, []
+        if not args.no_core:
+            bundle = Path(args.bundle) if args.bundle else write_demo_bundle(work)
+            core_tasks = _core_tasks(bundle, args.max_per_task)
         task_base = Path(args.task_base_dir) if args.task_base_dir else work
         if not args.task_base_dir:
             write_demo_tasks(base_dir=work)
@@ -545,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
             f"load average {load_start:.1f}; "
             + (f"both sides pinned to CPU {pinned}" if pinned is not None else "default threads")
         )
-        print(f"CORE bundle: {bundle}; chat task data: {task_base / 'task_data'}")
+        print(f"CORE bundle: {bundle or 'none'}; chat task data: {task_base / 'task_data'}")
 
         torch_out = None
         if args.torch_nanochat:
@@ -570,13 +600,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"{torch_out['threads']} thread(s), eager, float32) done in "
                 f"{time.perf_counter() - start:.0f} s"
             )
-        jax_core = _jax_core(model, tokenizer, core_tasks, clock)
-        jax_core["positions"] = _core_positions(tokenizer, core_tasks, config.rotary_seq_len)
-        jax_core["positions"]["jax"] = jax_core["forwarded"]["jax"]
+        jax_core = None
+        if core_tasks:
+            jax_core = _jax_core(model, tokenizer, core_tasks, clock)
+            jax_core["positions"] = _core_positions(tokenizer, core_tasks, config.rotary_seq_len)
+            jax_core["positions"]["jax"] = jax_core["forwarded"]["jax"]
         jax_chat = _jax_chat(
             model, tokenizer, chat_tasks, args.batch_size, args.max_problems, clock
         )
-    problems = _print_core(core_tasks, jax_core, torch_out and torch_out["core"])
+        for name, row in jax_chat.items():
+            row["positions"] = _chat_positions(
+                tokenizer, chat_tasks[name], n_problems[name], args.batch_size
+            )
+    problems = []
+    if jax_core:
+        problems += _print_core(core_tasks, jax_core, torch_out and torch_out["core"])
     problems += _print_chat(jax_chat, torch_out and torch_out["chat"], n_problems, args.batch_size)
     print(f"\nload average: {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     for line in problems:
