@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nanochat_jax import sharding
-from nanochat_jax.engine import MIN_BUCKET_LEN
+from nanochat_jax.engine import half_octave_bucket
 from nanochat_jax.eval_bundle import TASK_TYPES, load_task_data, read_tasks
 from nanochat_jax.model import GPT, cross_entropy
 
@@ -177,26 +177,15 @@ def _model_mesh(model: GPT) -> Mesh | None:
     return None
 
 
-def bucket_length(length: int, cap: int) -> int:
-    """The padded length of a row: the smallest of 2^k and 3 * 2^(k-1) that holds it, at least
-    MIN_BUCKET_LEN, at most `cap`. Half-octave steps pad a row by ~1/6 on average where powers of
-    two (engine.length_bucket) pad by ~1/3, for twice the compiled lengths."""
-    power = max(MIN_BUCKET_LEN, 1 << (length - 1).bit_length())
-    three_quarters = 3 * power // 4
-    if MIN_BUCKET_LEN <= three_quarters and length <= three_quarters:
-        return min(three_quarters, cap)
-    return min(power, cap)
-
-
 class _RowScorer:
     """Queues rows by length bucket and runs a bucket's batch as soon as it is full.
 
-    Each bucket length L (bucket_length, at most max_len) has two row counts, a whole batch
-    (rows_per_batch) and a quarter batch for leftovers (partial_rows), so every forward has one
-    of a handful of shapes. `finish` runs the leftovers, longest bucket first, and fills their
-    batches' spare rows with leftovers of shorter buckets before padding with dummy rows.
-    Results stay on device until `finish`, so the host prepares the next rows while the device
-    works."""
+    Each bucket length L (engine.half_octave_bucket, at most max_len) has two row counts, a
+    whole batch (rows_per_batch) and a quarter batch for leftovers (partial_rows), so every
+    forward has one of a handful of shapes. `finish` runs the leftovers, longest bucket first,
+    and fills their batches' spare rows with leftovers of shorter buckets before padding with
+    dummy rows. Results stay on device until `finish`, so the host prepares the next rows while
+    the device works."""
 
     def __init__(
         self, model: GPT, bos: int, batch_rows: int, batch_tokens: int, max_len: int, mesh
@@ -215,7 +204,7 @@ class _RowScorer:
         self.num_rows = 0
 
     def bucket(self, length: int) -> int:
-        return bucket_length(length, self.max_len)
+        return half_octave_bucket(length, self.max_len)
 
     def rows_per_batch(self, bucket: int) -> int:
         per_device = max(1, min(self.batch_rows, self.batch_tokens // bucket))

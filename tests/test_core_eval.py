@@ -24,6 +24,7 @@ from flax import nnx
 from nanochat_jax import core_eval, eval_bundle, sharding
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.convert import from_nanochat_state_dict
+from nanochat_jax.engine import half_octave_bucket
 from nanochat_jax.eval_bundle import read_tasks, write_demo_bundle
 from nanochat_jax.model import GPT
 from nanochat_jax.tokenizer import Tokenizer
@@ -225,7 +226,7 @@ def test_evaluate_core_on_demo_bundle_compiles_a_few_shapes(tok, demo_bundle):
 
 def test_bucket_lengths_take_half_octave_steps():
     lengths = [1, 16, 17, 24, 25, 33, 49, 65, 97, 129, 193]
-    assert [core_eval.bucket_length(n, 4096) for n in lengths] == [
+    assert [half_octave_bucket(n, 4096) for n in lengths] == [
         16,
         16,
         24,
@@ -238,9 +239,9 @@ def test_bucket_lengths_take_half_octave_steps():
         192,
         256,
     ]
-    assert core_eval.bucket_length(600, 640) == 640  # the cap is the last bucket
-    assert core_eval.bucket_length(500, 640) == 512
-    assert core_eval.bucket_length(5, 8) == 8
+    assert half_octave_bucket(600, 640) == 640  # the cap is the last bucket
+    assert half_octave_bucket(500, 640) == 512
+    assert half_octave_bucket(5, 8) == 8
 
 
 def test_leftover_rows_go_in_quarter_batches_with_shorter_rows(tok, model, monkeypatch):
