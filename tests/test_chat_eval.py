@@ -1,5 +1,6 @@
-"""chat_eval: categorical accuracy equals a hand computation from unpadded full forwards, few
-compilations, pass@k, grading in parallel, ChatCORE, and the chat_eval script (errors, report).
+"""chat_eval: categorical accuracy equals a hand computation from unpadded full forwards, the
+batches length buckets make and their compilations, pass@k, grading in parallel, ChatCORE, and the
+chat_eval script (errors, report).
 
 Tiny random GPTs (weights at a useful scale, as in test_chat_cli) and a real ~320-token BPE
 tokenizer; tasks are small in-memory stand-ins with the Task API.
@@ -20,7 +21,7 @@ from flax import nnx
 from nanochat_jax import chat_eval, sharding
 from nanochat_jax.chat_eval import chatcore_metric, run_categorical_eval, run_chat_eval
 from nanochat_jax.config import GPTConfig
-from nanochat_jax.engine import Engine, EnginePool
+from nanochat_jax.engine import Engine, EnginePool, half_octave_bucket
 from nanochat_jax.execution import execute_code
 from nanochat_jax.model import GPT
 from nanochat_jax.tasks import TASK_NAMES
@@ -78,12 +79,19 @@ def randomize(model: GPT, seed: int) -> None:
 
 
 class ToyTask:
-    """A Task stand-in over given conversations; records every graded response."""
+    """A Task stand-in over given conversations; records every graded response, in grading
+    order (`responses`) and by problem (`answers`: problem index -> responses)."""
 
     def __init__(self, eval_type: str, conversations: list[dict], grade=None):
         self.eval_type, self.conversations = eval_type, conversations
         self.grade = grade or (lambda c, r: r == c["messages"][-1]["content"])
         self.responses: list[str] = []
+        self.answers: dict[int, list[str]] = {}
+
+    def in_problem_order(self) -> list[str]:
+        """The single response of each graded problem, by problem index."""
+        assert all(len(r) == 1 for r in self.answers.values())
+        return [self.answers[i][0] for i in sorted(self.answers)]
 
     def __len__(self) -> int:
         return len(self.conversations)
@@ -95,6 +103,8 @@ class ToyTask:
         if self.eval_type == "categorical" and response not in conversation["letters"]:
             raise ValueError(f"{response!r} is not a letter")
         self.responses.append(response)
+        index = next(i for i, c in enumerate(self.conversations) if c is conversation)
+        self.answers.setdefault(index, []).append(response)
         return self.grade(conversation, response)
 
 
@@ -161,35 +171,73 @@ def count_compiles(caplog, fn) -> int:
 # ---- categorical ---------------------------------------------------------------------------
 
 
+def prompt_lengths(tokenizer, task: ToyTask) -> list[int]:
+    return [len(tokenizer.render_for_completion(c)) for c in task.conversations]
+
+
 def test_categorical_matches_unpadded_hand_computation(tokenizer, model, mc):
-    lengths = [
-        len(tokenizer.render_for_completion(mc_conversation(q, ["A"], "A"))) for q in _QUESTIONS
-    ]
-    assert len({max(16, 1 << (n - 1).bit_length()) for n in lengths}) >= 2  # several buckets
     conversations, predicted, expected = mc
     task = ToyTask("categorical", conversations)
+    buckets = [half_octave_bucket(n, 640) for n in prompt_lengths(tokenizer, task)]
+    assert buckets == [96, 128, 128, 192, 96, 128, 128, 96, 192, 128, 96]  # three buckets
     assert len(set(predicted)) >= 3  # the random model really chooses, it is not always "A"
     accuracy = run_categorical_eval(task, model, tokenizer, batch_size=4, progress=False)
-    assert task.responses == predicted  # padding, bucketing, dummy rows change nothing
+    # padding, bucketing, shorter rows in a longer bucket, dummy rows change nothing
+    assert task.in_problem_order() == predicted
+    assert task.responses != predicted  # graded as batches are read, not in problem order
     assert accuracy == expected == 6 / 11
     # max_problems: the first problems only
-    task.responses.clear()
+    task = ToyTask("categorical", conversations)
     assert run_categorical_eval(task, model, tokenizer, batch_size=4, max_problems=3) == 2 / 3
-    assert task.responses == predicted[:3]
+    assert task.in_problem_order() == predicted[:3]
+
+
+def record_batches(monkeypatch) -> list[tuple[tuple[int, int], list[int]]]:
+    """Every forward chat_eval dispatches: (ids shape, each row's prompt length; 1 for a
+    dummy row)."""
+    batches = []
+    forward = chat_eval._answer_logits
+
+    def recording(graphdef, state, ids_BT, pos_B):
+        batches.append((tuple(ids_BT.shape), [int(p) + 1 for p in np.asarray(pos_B)]))
+        return forward(graphdef, state, ids_BT, pos_B)
+
+    monkeypatch.setattr(chat_eval, "_answer_logits", recording)
+    return batches
+
+
+def test_categorical_batches_by_length_bucket(tokenizer, model, mc, monkeypatch):
+    task = ToyTask("categorical", mc[0])
+    lengths = prompt_lengths(tokenizer, task)  # buckets 96, 128, 128, 192, 96, 128, 128, ...
+    batches = record_batches(monkeypatch)
+    run_categorical_eval(task, model, tokenizer, batch_size=4)
+    n = lengths
+    assert batches == [
+        ((4, 128), [n[1], n[2], n[5], n[6]]),  # the first bucket to fill (at problem 6)
+        ((4, 96), [n[0], n[4], n[7], n[10]]),
+        # leftovers, longest first: both of bucket 192, problem 9 (128) padded to 192, a dummy
+        ((4, 192), [n[3], n[8], n[9], 1]),
+    ]
+    # a bucket never fills: its rows join the longer leftovers, the last batch gets the dummies
+    batches.clear()
+    run_categorical_eval(task, model, tokenizer, batch_size=8)
+    assert batches == [
+        ((8, 192), [n[3], n[8], n[1], n[2], n[5], n[6], n[9], n[0]]),
+        ((8, 96), [n[4], n[7], n[10], 1, 1, 1, 1, 1]),
+    ]
 
 
 def test_categorical_compiles_once_per_length_bucket(tokenizer, mc, caplog):
     model = tiny_gpt(tokenizer, n_embd=48)  # a shape no other test compiles
     task = ToyTask("categorical", mc[0])
-    lengths = [len(tokenizer.render_for_completion(c)) for c in task.conversations]
-    buckets = {max(16, 1 << (n - 1).bit_length()) for n in lengths}
-    # 11 problems in batches of 4 hit 2 buckets, with a short last batch: 2 compilations
-    batch_buckets = {
-        max(16, 1 << (max(lengths[i : i + 4]) - 1).bit_length()) for i in range(0, 11, 4)
-    }
-    assert len(batch_buckets) == 2 and batch_buckets <= buckets
+    # batches of 4 at lengths 128, 96, 192 (test_categorical_batches_by_length_bucket)
     run = lambda: run_categorical_eval(task, model, tokenizer, batch_size=4)  # noqa: E731
-    assert count_compiles(caplog, run) == len(batch_buckets)
+    assert count_compiles(caplog, run) == 3
+    # another task with prompts of those buckets reuses them: here the first 7 problems (a 128
+    # batch, then problem 3 (192) with problems 0 and 4 (96) in a 192 batch)
+    first_7 = ToyTask("categorical", mc[0][:7])
+    run_7 = lambda: run_categorical_eval(first_7, model, tokenizer, batch_size=4)  # noqa: E731
+    assert count_compiles(caplog, run_7) == 0
     # chat_sft's pattern: the same model, trained further, evaluated again -> no new compilation
     randomize(model, seed=7)
     assert count_compiles(caplog, run) == 0
@@ -213,15 +261,17 @@ def test_categorical_on_a_mesh_agrees(tokenizer, model, mc):
     conversations, predicted, expected = mc
     mesh = sharding.make_mesh("4")
     fsdp = sharding.make_mesh("data=2,fsdp=2")
-    # the model as chat_eval loads it (one device), on another device, sharded like chat_sft's
+    # the model as chat_eval loads it (one device), on another device, sharded like chat_sft's;
+    # on 8 devices (one row each, a dummy on 5 of them in the last batch)
     for placed, on in (
         (model, mesh),
+        (model, sharding.make_mesh("8")),
         (on_devices(model, jax.devices()[5]), mesh),
         (on_devices(model, lambda tree: sharding.tree_shardings(tree, fsdp)), fsdp),
     ):
         task = ToyTask("categorical", conversations)
         assert run_categorical_eval(task, placed, tokenizer, batch_size=8, mesh=on) == expected
-        assert task.responses == predicted
+        assert task.in_problem_order() == predicted
     with pytest.raises(ValueError, match="multiple of the mesh's data-parallel size"):
         run_categorical_eval(task, model, tokenizer, batch_size=6, mesh=mesh)
 
@@ -233,7 +283,7 @@ def test_zero_lm_head_answers_the_first_letter(tokenizer):
     conversations = [mc_conversation(q, letters_of(i), "B") for i, q in enumerate(_QUESTIONS)]
     task = ToyTask("categorical", conversations)
     assert run_categorical_eval(task, model, tokenizer, batch_size=8) == 0.0
-    assert task.responses == [letters_of(i)[0] for i in range(len(_QUESTIONS))]
+    assert task.in_problem_order() == [letters_of(i)[0] for i in range(len(_QUESTIONS))]
 
 
 def test_categorical_errors(tokenizer, model):
