@@ -9,6 +9,8 @@ Gradients of the A micro-batches are accumulated inside the step with `lax.scan`
 `TrainLoop` runs such a step for a number of steps: it dispatches each step, reads its metrics one
 step late (so the host never waits on the device), and evaluates, saves and logs on nanochat's
 cadence; the stage script supplies the data, the evaluations and the checkpoint contents.
+chat_sft runs its own loop (a step per padded length, its own evaluations and line) on the same
+parts: `TrainState.apply_step` and `LateMetrics`.
 """
 
 from __future__ import annotations
@@ -90,6 +92,16 @@ class TrainState:
     def model(self) -> GPT:
         """The GPT with the current parameters (for eval, sampling, checkpoint export)."""
         return nnx.merge(self.graphdef, self.params, self.rest)
+
+    def apply_step(self, step_fn: Callable, *batch_ABT: np.ndarray) -> dict[str, jax.Array]:
+        """One optimizer step: `step_fn` (from make_train_step) on this process's rows of the
+        (A, B, T) host arrays, sharded over the mesh. Updates params and opt_state (donated to
+        the step) and returns the step's metrics, still on the device: dispatch does not wait."""
+        batch_ABT = [sharding.shard_batch(a, self.mesh, leading_axes=1) for a in batch_ABT]
+        self.params, self.opt_state, metrics = step_fn(
+            self.params, self.opt_state, self.rest, *batch_ABT
+        )
+        return metrics
 
 
 def _split(model: GPT):
@@ -213,6 +225,29 @@ def check_loss(loss: float, step: int) -> None:
         raise SystemExit(f"error: loss is {loss} at step {step}; stopping (lower the lrs?)")
 
 
+class LateMetrics:
+    """Reads a train step's metrics one step late, so the host never waits on the device.
+
+    `push(step, metrics, *extra)` after dispatching a step logs the step before it, which has
+    finished by then (or soon: the device already has the next step queued); `flush()` logs the
+    held step at once, where the host waits anyway (before an evaluation, a save, the end).
+    `log(step, metrics, *extra)` gets the metrics on the host, in one transfer.
+    """
+
+    def __init__(self, log: Callable[..., None]):
+        self._log = log
+        self._held: tuple | None = None
+
+    def push(self, step: int, metrics: dict, *extra: Any) -> None:
+        self.flush()
+        self._held = (step, metrics, *extra)
+
+    def flush(self) -> None:
+        if self._held is not None:
+            (step, metrics, *extra), self._held = self._held, None
+            self._log(step, jax.device_get(metrics), *extra)
+
+
 class LoopFlags(Protocol):
     """The flags a stage's TrainLoop follows (base_train and mid_train share nanochat's names)."""
 
@@ -311,7 +346,8 @@ class TrainLoop:
             peak_flops_per_device=flags.peak_flops,
             start_step=self.start_step,
         )
-        val, min_val, pending = None, math.inf, None
+        val, min_val = None, math.inf
+        late = LateMetrics(lambda step, metrics: self._log_step(clock, step, metrics))
         for step in range(self.start_step, self.steps_total + 1):
             last_step = step == self.steps_total
             do_eval = self.val_bpb is not None and (
@@ -323,9 +359,8 @@ class TrainLoop:
             do_save = self.save is not None and (
                 last_step or (periodic_save and step > self.start_step)
             )
-            if pending is not None and (do_eval or tasks or do_save or last_step):
-                self._log_step(clock, *pending)  # the host is about to wait for the device anyway
-                pending = None
+            if do_eval or tasks or do_save or last_step:
+                late.flush()  # the host is about to wait for the device anyway
             if do_eval:
                 val = self.val_bpb()
                 min_val = min(min_val, val)
@@ -341,21 +376,12 @@ class TrainLoop:
                 break
 
             micro = [self.micro_batch(step, m) for m in range(self.accum_steps)]
-            inputs, targets = (
-                sharding.shard_batch(np.stack([m[i] for m in micro]), state.mesh, leading_axes=1)
-                for i in (0, 1)
-            )
-            state.params, state.opt_state, metrics = self._step_fn(
-                state.params, state.opt_state, state.rest, inputs, targets
-            )
-            if pending is not None:
-                self._log_step(clock, *pending)
-            pending = (step, metrics)
+            inputs, targets = (np.stack([m[i] for m in micro]) for i in (0, 1))
+            late.push(step, state.apply_step(self._step_fn, inputs, targets))
         return LoopResult(val, min_val, clock.total_time_s, clock.mfu)
 
     def _log_step(self, clock: StepClock, step: int, metrics: dict) -> None:
         """Host-side logging of a finished step (called one step late: never blocks the device)."""
-        metrics = jax.device_get(metrics)  # one transfer for all of the step's scalars
         loss = float(metrics["loss"])
         check_loss(loss, step)
         s = clock.tick(step, loss)

@@ -44,15 +44,13 @@ def _run(mesh_spec, accum_steps=1, num_steps=3):
         micro_batch_size=micro,
         sequence_len=CONFIG.sequence_len,
     )
-    params, opt_state = state.params, state.opt_state
     losses = []
     inputs, targets = _batches(num_steps)
     for x, y in zip(inputs, targets, strict=True):
         shape = (accum_steps, micro, CONFIG.sequence_len)
-        xb, yb = (sharding.shard_batch(a.reshape(shape), mesh, leading_axes=1) for a in (x, y))
-        params, opt_state, metrics = step(params, opt_state, state.rest, xb, yb)
+        metrics = state.apply_step(step, x.reshape(shape), y.reshape(shape))  # host arrays
         losses.append(float(metrics["loss"]))
-    return np.array(losses), jax.device_get(params), params, opt_state
+    return np.array(losses), jax.device_get(state.params), state.params, state.opt_state
 
 
 def _assert_params_close(params, reference):
@@ -424,6 +422,20 @@ def test_nan_loss_ends_the_run_with_one_error_line(monkeypatch):
     with pytest.raises(SystemExit, match="error: loss is nan at step 2"):
         loop.run()
     assert ("step", 3) in events  # found one step late, without waiting on the device
+
+
+def test_late_metrics_logs_each_step_once_one_push_late_on_the_host():
+    logged = []
+    late = train.LateMetrics(lambda step, metrics, *extra: logged.append((step, metrics, extra)))
+    late.flush()  # nothing held yet
+    late.push(0, {"loss": jax.numpy.float32(4.0)}, 256)
+    assert logged == []  # held while step 1 has not been dispatched
+    late.push(1, {"loss": jax.numpy.float32(3.5)}, 128)
+    assert [(s, float(m["loss"]), e) for s, m, e in logged] == [(0, 4.0, (256,))]
+    assert isinstance(logged[0][1]["loss"], np.ndarray)  # fetched to the host for the log
+    late.flush()
+    late.flush()  # logged once only
+    assert [(s, float(m["loss"]), e) for s, m, e in logged[1:]] == [(1, 3.5, (128,))]
 
 
 def test_loop_derived_fields_are_not_arguments():
