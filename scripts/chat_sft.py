@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         }
 
     writer = MetricsWriter(base_dir / "runs" / model_tag / "sft")
-    val, metrics, train_loss, pending = None, dict.fromkeys(METRIC_TASKS), None, None
+    val, metrics, train_loss = None, dict.fromkeys(METRIC_TASKS), None
     t_last = time.perf_counter()
 
     def log_step(step, result, num_tokens, length):
@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> None:
             },
         )
 
+    # nanochat's SFT loop, not train.TrainLoop's: a step per padded length, val loss and chat
+    # metrics instead of bpb, its own line; one step late and dispatched as TrainLoop does
+    late = train.LateMetrics(log_step)
     try:
         for step in range(num_iterations):
             last_step = step == num_iterations - 1
@@ -336,9 +339,8 @@ def main(argv: list[str] | None = None) -> None:
             do_metrics = last_step or (
                 cfg.eval_metrics_every > 0 and step > 0 and step % cfg.eval_metrics_every == 0
             )
-            if pending is not None and (do_eval or do_metrics or last_step):
-                log_step(*pending)
-                pending = None
+            if do_eval or do_metrics or last_step:
+                late.flush()
             if do_eval:
                 val = val_loss()
                 print(f"Step {step:05d} | Validation loss: {val:.6f}", flush=True)
@@ -360,17 +362,7 @@ def main(argv: list[str] | None = None) -> None:
                 sum(mask[1:]) for per_rank in micro for rows in per_rank for _, mask in rows
             )
             length, inputs, targets = collate(micro)
-            run_step = step_fn(length)
-            state.params, state.opt_state, result = run_step(
-                state.params,
-                state.opt_state,
-                state.rest,
-                sharding.shard_batch(inputs, mesh, leading_axes=1),
-                sharding.shard_batch(targets, mesh, leading_axes=1),
-            )
-            if pending is not None:
-                log_step(*pending)
-            pending = (step, result, num_tokens, length)
+            late.push(step, state.apply_step(step_fn(length), inputs, targets), num_tokens, length)
 
         meta = {"step": step, "val_loss": val, **metrics, "model_config": config.to_dict()}
         with checkpoint.Checkpointer(checkpoint.checkpoint_dir("sft", model_tag)) as ckpt:
