@@ -255,10 +255,7 @@ def main(argv: list[str] | None = None) -> None:
             ]
             t1 = time.perf_counter()
             batch = rl.pack_step(rollouts, cfg.device_batch_size, seq_len, pad_id)
-            batch = [sharding.shard_batch(a, mesh, leading_axes=1) for a in batch]
-            state.params, state.opt_state, metrics = step_fn(
-                state.params, state.opt_state, state.rest, *batch
-            )
+            metrics = state.apply_step(step_fn, *batch)
             loss = float(metrics["loss"])  # waits for the step: the next rollouts need it anyway
             t2 = time.perf_counter()
 
