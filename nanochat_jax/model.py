@@ -2,7 +2,8 @@
 
 Rotary (no learned positions), QK-norm, parameter-free RMSNorm, relu^2 MLP, untied embedding and
 lm_head, no biases, GQA, logit softcap. Shapes: B batch, T query positions, S key positions,
-D model dim, N query heads, K kv heads, H head dim, F = H/2 rotary frequencies, V vocab, L layers.
+D model dim, N query heads, K kv heads, H head dim, F = H/2 rotary frequencies, V vocab, L layers;
+P positions and C vocab ids that an eval reads the logits of (`GPT.head`).
 """
 
 from __future__ import annotations
@@ -217,7 +218,8 @@ class GPT(nnx.Module):
         )
         self.lm_head = _linear(d, V, rngs, compute_dtype, zero=True)
 
-    def _forward(self, idx_BT, cos_TF, sin_TF, cache=None):
+    def _trunk(self, idx_BT, cos_TF, sin_TF, cache=None):
+        """Embedding, blocks, final norm -> (x_BTD, cache): everything before lm_head."""
         x_BTD = rms_norm(self.wte(idx_BT))
         run_block = Block.__call__
         if self.remat != "none" and cache is None:
@@ -227,21 +229,45 @@ class GPT(nnx.Module):
             x_BTD, kv = run_block(block, x_BTD, cos_TF, sin_TF, kv)
             if cache is not None:
                 cache = cache.replace(k=kv[0], v=kv[1])
-        # nanochat applies the softcap in the autocast dtype, then casts the logits to fp32.
-        logits_BTV = self.lm_head(rms_norm(x_BTD))
-        logits_BTV = (SOFTCAP * jnp.tanh(logits_BTV / SOFTCAP)).astype(jnp.float32)
         if cache is not None:
             cache = cache.replace(pos=cache.pos + idx_BT.shape[1])
-        return logits_BTV, cache
+        return rms_norm(x_BTD), cache
 
-    def __call__(self, idx_BT, targets_BT=None, *, loss_reduction: str = "mean"):
+    def hidden_states(self, idx_BT) -> jax.Array:
+        """(B, T, D) final-norm hidden states: the forward without lm_head. An eval that reads
+        only some logits applies `head` to those positions (and vocab columns) alone."""
         T = idx_BT.shape[1]
         if T > self.config.rotary_seq_len:
             raise ValueError(
                 f"sequence length {T} exceeds the rotary table ({self.config.rotary_seq_len})"
             )
         cos_TF, sin_TF = rotary_cos_sin(T, self.config.head_dim)
-        logits_BTV, _ = self._forward(idx_BT, cos_TF, sin_TF)
+        return self._trunk(idx_BT, cos_TF, sin_TF)[0]
+
+    def head(self, x_BTD, pos_BP=None, vocab_C=None) -> jax.Array:
+        """lm_head, softcap, fp32: (B, P, C) logits at positions pos_BP of each row (ints < T;
+        default all T) for the vocab ids vocab_C (ints < V; default all V). Each logit is the dot
+        product of the same values as in the full (B, T, V) logits; a matmul of another shape
+        may sum its D terms in another order (fp32 on CPU: a few ulp). Out-of-range ids give
+        NaN (jnp's gather fill), as they cannot raise inside jit."""
+        if (pos_BP is not None and pos_BP.ndim != 2) or (vocab_C is not None and vocab_C.ndim != 1):
+            raise ValueError("head: pos_BP must be (B, P) and vocab_C (C,) integer arrays")
+        x_BPD = x_BTD if pos_BP is None else jnp.take_along_axis(x_BTD, pos_BP[..., None], axis=1)
+        lm_head = self.lm_head
+        if vocab_C is None:
+            logits_BPC = lm_head(x_BPD)
+        else:  # nnx.Linear's own steps, on the chosen kernel columns
+            kernel_DC = jnp.take(lm_head.kernel[...], vocab_C, axis=1)
+            x_BPD, kernel_DC, _ = lm_head.promote_dtype(
+                (x_BPD, kernel_DC, None), dtype=lm_head.dtype
+            )
+            dims = (((2,), (0,)), ((), ()))
+            logits_BPC = lm_head.dot_general(x_BPD, kernel_DC, dims, precision=lm_head.precision)
+        # nanochat applies the softcap in the autocast dtype, then casts the logits to fp32.
+        return (SOFTCAP * jnp.tanh(logits_BPC / SOFTCAP)).astype(jnp.float32)
+
+    def __call__(self, idx_BT, targets_BT=None, *, loss_reduction: str = "mean"):
+        logits_BTV = self.head(self.hidden_states(idx_BT))
         if targets_BT is None:
             return logits_BTV
         return cross_entropy(logits_BTV, targets_BT, loss_reduction)
@@ -258,7 +284,8 @@ class GPT(nnx.Module):
         cos_SF, sin_SF = rotary_cos_sin(S, self.config.head_dim)
         cos_TF = jax.lax.dynamic_slice_in_dim(jnp.asarray(cos_SF), cache.pos, T)
         sin_TF = jax.lax.dynamic_slice_in_dim(jnp.asarray(sin_SF), cache.pos, T)
-        return self._forward(idx_BT, cos_TF, sin_TF, cache)
+        x_BTD, cache = self._trunk(idx_BT, cos_TF, sin_TF, cache)
+        return self.head(x_BTD), cache
 
 
 def cross_entropy(logits_BTV, targets_BT, loss_reduction: str = "mean") -> jax.Array:

@@ -5,6 +5,8 @@ Max abs errors measured on CPU (jax 0.10.2, fp32, jitted) against the golden fil
   gpt_tiny2_forward: logits 6.7e-6, loss 9.5e-7, loss_per_token 4.8e-6, grads 1.9e-7
   gpt_tiny_kvcache:  produced ids identical; prefill/decode logits 5.3e-6
   KV-cached (prefill, chunked prefill, decode) vs full forward: 6.7e-6
+  head at some positions / vocab ids vs those of the full forward's logits: 3.8e-6 (fp32: the
+    smaller matmul sums its 128 terms in another order; 4 ulp at |logit| ~10), 0.0 (bf16)
   bf16 compute vs nanochat CPU autocast: logits 0.115 / 0.113, loss 5.1e-3 / 5.4e-3
     (two independent bf16 rounding paths; each is ~0.09 from fp32, as the golden README measured)
 The golden README measured fp32-vs-fp64 at 5.6e-6 (logits) and 2e-7 (grads), so the fp32
@@ -118,6 +120,41 @@ def test_ignore_index_and_reductions(golden_case):
     np.testing.assert_allclose(_loss(model, idx_BT, targets_BT), expected, atol=LOSS_ATOL)
     with pytest.raises(ValueError, match="loss_reduction"):
         model(idx_BT, targets_BT, loss_reduction="sum")
+
+
+_head = nnx.jit(
+    lambda model, idx_BT, pos_BP, vocab_C: model.head(model.hidden_states(idx_BT), pos_BP, vocab_C)
+)
+HEAD_ATOL = 1e-5  # fp32 reassociation of lm_head's D-term sums (measured 3.8e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_head_on_some_positions_and_vocab_ids_equals_the_full_logits(golden_case, dtype):
+    """hidden_states + head is the forward: all of it exactly, any positions / vocab ids up to
+    the order of lm_head's sums (the evals' logits of only what they read)."""
+    golden, config, _, idx_BT, _ = golden_case
+    model = from_nanochat_state_dict(_params(golden), config, compute_dtype=dtype)
+    full_BTV = np.asarray(_logits(model, idx_BT))
+    np.testing.assert_array_equal(_head(model, idx_BT, None, None), full_BTV)
+    rng = np.random.default_rng(0)
+    B, T = idx_BT.shape
+    pos_BP = jnp.asarray(rng.integers(0, T, (B, 5)), jnp.int32).at[:, 0].set(T - 1)
+    vocab_C = jnp.asarray([7, 3, 3, config.vocab_size - 1, 0], jnp.int32)  # any order, repeats
+    at_BPV = np.take_along_axis(full_BTV, np.asarray(pos_BP)[..., None], axis=1)
+    some_BPV = _head(model, idx_BT, pos_BP, None)
+    assert some_BPV.shape == (B, 5, config.vocab_size) and some_BPV.dtype == jnp.float32
+    some_BPC = _head(model, idx_BT, pos_BP, vocab_C)
+    assert some_BPC.shape == (B, 5, 5) and some_BPC.dtype == jnp.float32
+    np.testing.assert_array_equal(some_BPC[..., 1], some_BPC[..., 2])  # same column, same value
+    atol = HEAD_ATOL if dtype == jnp.float32 else 0.0  # bf16: rounded the same (measured)
+    np.testing.assert_allclose(some_BPV, at_BPV, rtol=0, atol=atol)
+    np.testing.assert_allclose(some_BPC, at_BPV[..., np.asarray(vocab_C)], rtol=0, atol=atol)
+    x_BTD = model.hidden_states(idx_BT)
+    assert x_BTD.shape == (B, T, config.n_embd)
+    with pytest.raises(ValueError, match=r"pos_BP must be \(B, P\)"):
+        model.head(x_BTD, pos_BP[:, 0])
+    with pytest.raises(ValueError, match=r"vocab_C \(C,\)"):
+        model.head(x_BTD, pos_BP, vocab_C[None])
 
 
 def test_rotary_tables_equal_golden(golden_case):
@@ -282,6 +319,8 @@ def test_too_long_sequence_raises():
     assert _logits(model, jnp.zeros((1, 20), jnp.int32)).shape == (1, 20, 8)
     with pytest.raises(ValueError, match="rotary"):
         _logits(model, jnp.zeros((1, 21), jnp.int32))
+    with pytest.raises(ValueError, match="rotary"):
+        model.hidden_states(jnp.zeros((1, 21), jnp.int32))
 
 
 @pytest.mark.parametrize("remat", ["dots", "full"])
