@@ -2,15 +2,17 @@
 of base and mid training.
 
 The model is split once into (graphdef, params, rest) with nnx. The step is a pure function
-`step(params, opt_state, rest, inputs_ABT, targets_ABT) -> (params, opt_state, metrics)`, compiled
+`step(params, opt_state, rest, inputs_ABT, targets_ABT, *extras_ABT) -> (params, opt_state,
+metrics)`, compiled
 ahead of time with explicit shardings and donated state, so it can never silently recompile.
 Gradients of the A micro-batches are accumulated inside the step with `lax.scan`.
 
 `TrainLoop` runs such a step for a number of steps: it dispatches each step, reads its metrics one
 step late (so the host never waits on the device), and evaluates, saves and logs on nanochat's
 cadence; the stage script supplies the data, the evaluations and the checkpoint contents.
-chat_sft runs its own loop (a step per padded length, its own evaluations and line) on the same
-parts: `TrainState.apply_step` and `LateMetrics`.
+chat_sft and chat_rl run their own loops on the same parts: `TrainState.apply_step` (both) and
+`LateMetrics` (chat_sft: a step per padded length, its own evaluations and line; RL reads each
+step's metrics at once, as its next rollouts wait for the new weights anyway).
 """
 
 from __future__ import annotations
@@ -90,13 +92,16 @@ class TrainState:
     config: GPTConfig
 
     def model(self) -> GPT:
-        """The GPT with the current parameters (for eval, sampling, checkpoint export)."""
+        """The GPT with the current parameters (for eval, sampling, checkpoint export). It shares
+        their arrays: use it before the next apply_step, which donates (deletes) them."""
         return nnx.merge(self.graphdef, self.params, self.rest)
 
     def apply_step(self, step_fn: Callable, *batch_ABT: np.ndarray) -> dict[str, jax.Array]:
-        """One optimizer step: `step_fn` (from make_train_step) on this process's rows of the
-        (A, B, T) host arrays, sharded over the mesh. Updates params and opt_state (donated to
-        the step) and returns the step's metrics, still on the device: dispatch does not wait."""
+        """One optimizer step: `step_fn` (from make_train_step) on `batch_ABT`, host arrays of
+        this process's rows (A, local B, T), sharded over the mesh. Rebinds params and opt_state;
+        the previous arrays are donated to the step, so any `model()` view or other alias of them
+        is invalid afterwards. Returns the step's metrics still on the device: dispatch does not
+        wait."""
         batch_ABT = [sharding.shard_batch(a, self.mesh, leading_axes=1) for a in batch_ABT]
         self.params, self.opt_state, metrics = step_fn(
             self.params, self.opt_state, self.rest, *batch_ABT
@@ -219,10 +224,21 @@ def make_train_step(
     return jitted.lower(state.params, state.opt_state, state.rest, *batch).compile()
 
 
-def check_loss(loss: float, step: int) -> None:
-    """A NaN/inf training loss ends the run with one error line (every training stage)."""
+def check_step(metrics: dict, step: int) -> float:
+    """A finished step's host metrics: a NaN/inf loss or gradient norm ends the run with one
+    error line (every training stage). The loss is of the weights before the step's update, so
+    only the gradient norm catches the update that makes them non-finite, before they are saved.
+    Returns the loss as a float.
+    """
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
     if not math.isfinite(loss):
         raise SystemExit(f"error: loss is {loss} at step {step}; stopping (lower the lrs?)")
+    if not math.isfinite(grad_norm):
+        raise SystemExit(
+            f"error: gradient norm is {grad_norm} at step {step}, so the update made the weights "
+            "non-finite; stopping before they are saved (lower the lrs?)"
+        )
+    return loss
 
 
 class LateMetrics:
@@ -231,11 +247,13 @@ class LateMetrics:
     `push(step, metrics, *extra)` after dispatching a step logs the step before it, which has
     finished by then (or soon: the device already has the next step queued); `flush()` logs the
     held step at once, where the host waits anyway (before an evaluation, a save, the end).
-    `log(step, metrics, *extra)` gets the metrics on the host, in one transfer.
+    The callback `on_step(step, metrics, *extra)` receives the metrics on the host (one
+    `device_get` per step). A step held when an exception unwinds is not logged: flushing there
+    would wait on the device and could mask the original error.
     """
 
-    def __init__(self, log: Callable[..., None]):
-        self._log = log
+    def __init__(self, on_step: Callable[..., None]):
+        self._on_step = on_step
         self._held: tuple | None = None
 
     def push(self, step: int, metrics: dict, *extra: Any) -> None:
@@ -245,7 +263,7 @@ class LateMetrics:
     def flush(self) -> None:
         if self._held is not None:
             (step, metrics, *extra), self._held = self._held, None
-            self._log(step, jax.device_get(metrics), *extra)
+            self._on_step(step, jax.device_get(metrics), *extra)
 
 
 class LoopFlags(Protocol):
@@ -382,8 +400,7 @@ class TrainLoop:
 
     def _log_step(self, clock: StepClock, step: int, metrics: dict) -> None:
         """Host-side logging of a finished step (called one step late: never blocks the device)."""
-        loss = float(metrics["loss"])
-        check_loss(loss, step)
+        loss = check_step(metrics, step)
         s = clock.tick(step, loss)
         lrm = float(self.lrm_by_step[step])
         total = self.steps_total

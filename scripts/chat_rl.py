@@ -255,8 +255,9 @@ def main(argv: list[str] | None = None) -> None:
             ]
             t1 = time.perf_counter()
             batch = rl.pack_step(rollouts, cfg.device_batch_size, seq_len, pad_id)
-            metrics = state.apply_step(step_fn, *batch)
-            loss = float(metrics["loss"])  # waits for the step: the next rollouts need it anyway
+            # waits for the step (one transfer): the next rollouts need its weights anyway
+            metrics = jax.device_get(state.apply_step(step_fn, *batch))
+            loss = train.check_step(metrics, step)
             t2 = time.perf_counter()
 
             mean_reward = float(np.mean([r.rewards.mean() for r in flat]))
@@ -265,7 +266,6 @@ def main(argv: list[str] | None = None) -> None:
             rollout_s, train_s = rollout_s + t1 - t0, train_s + t2 - t1
             rollout_tokens += generated
             lrm = 1 - step / num_steps  # times init_lr_frac: the base lrs' multiplier
-            train.check_loss(loss, step)
             print(
                 f"Step {step}/{num_steps} | Average reward: {mean_reward} | Average sequence "
                 f"length: {mean_len:.2f} | loss: {loss:.6f} | lrm: {lrm:.4f} | rollout: "

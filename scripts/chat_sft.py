@@ -303,10 +303,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def log_step(step, result, num_tokens, length):
         nonlocal train_loss, t_last
-        loss = float(result["loss"])
+        loss = train.check_step(result, step)
         now = time.perf_counter()
         dt, t_last = now - t_last, now
-        train.check_loss(loss, step)
         train_loss = loss
         lrm = 1.0 - step / num_iterations
         if step % cfg.log_every == 0 or step == num_iterations - 2:

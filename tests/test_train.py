@@ -443,8 +443,11 @@ def test_loop_derived_fields_are_not_arguments():
     assert derived == {"accum_steps", "_step_fn"}
 
 
-def test_check_loss():
-    train.check_loss(2.5, 3)
+def test_check_step():
+    train.check_step({"loss": 2.5, "grad_norm": np.float32(0.3)}, 3)
     for bad in (float("nan"), float("inf")):
         with pytest.raises(SystemExit, match=r"^error: loss is (nan|inf) at step 7; stopping"):
-            train.check_loss(bad, 7)
+            train.check_step({"loss": bad, "grad_norm": 1.0}, 7)
+        # a finite loss (weights before the update) but a bad update: caught before a save
+        with pytest.raises(SystemExit, match=r"^error: gradient norm is (nan|inf) at step 7"):
+            train.check_step({"loss": 2.5, "grad_norm": bad}, 7)
