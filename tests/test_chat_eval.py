@@ -8,6 +8,7 @@ tokenizer; tasks are small in-memory stand-ins with the Task API.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -80,12 +81,14 @@ def randomize(model: GPT, seed: int) -> None:
 
 class ToyTask:
     """A Task stand-in over given conversations; records every graded response, in grading
-    order (`responses`) and by problem (`answers`: problem index -> responses)."""
+    order (`responses`, of problems `graded`) and by problem (`answers`: problem index ->
+    responses)."""
 
     def __init__(self, eval_type: str, conversations: list[dict], grade=None):
         self.eval_type, self.conversations = eval_type, conversations
         self.grade = grade or (lambda c, r: r == c["messages"][-1]["content"])
         self.responses: list[str] = []
+        self.graded: list[int] = []
         self.answers: dict[int, list[str]] = {}
 
     def in_problem_order(self) -> list[str]:
@@ -104,6 +107,7 @@ class ToyTask:
             raise ValueError(f"{response!r} is not a letter")
         self.responses.append(response)
         index = next(i for i, c in enumerate(self.conversations) if c is conversation)
+        self.graded.append(index)
         self.answers.setdefault(index, []).append(response)
         return self.grade(conversation, response)
 
@@ -198,9 +202,9 @@ def record_batches(monkeypatch) -> list[tuple[tuple[int, int], list[int]]]:
     batches = []
     forward = chat_eval._answer_logits
 
-    def recording(graphdef, state, ids_BT, pos_B):
+    def recording(graphdef, state, ids_BT, pos_B, vocab_C):
         batches.append((tuple(ids_BT.shape), [int(p) + 1 for p in np.asarray(pos_B)]))
-        return forward(graphdef, state, ids_BT, pos_B)
+        return forward(graphdef, state, ids_BT, pos_B, vocab_C)
 
     monkeypatch.setattr(chat_eval, "_answer_logits", recording)
     return batches
@@ -255,6 +259,65 @@ def on_devices(model: GPT, placement) -> GPT:
         placement = placement(pure)
     nnx.replace_by_pure_dict(state, jax.device_put(pure, placement))
     return nnx.merge(graphdef, state)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def full_forward_answer_logits(graphdef, state, ids_BT, pos_B) -> jax.Array:
+    """chat_eval's path before GPT.head: the whole (B, T, V) forward, then the (B, V) logits
+    at each row's answer position."""
+    logits_BTV = nnx.merge(graphdef, state)(ids_BT)
+    return jnp.take_along_axis(logits_BTV, pos_B[:, None, None], axis=1)[:, 0]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["random", "random wider", "random seed 2", "zero lm_head", "saturated", "equal columns"],
+)
+def test_categorical_equals_the_full_forward_path(tokenizer, mc, case, monkeypatch):
+    """lm_head on the answer positions and letters only: the same logits as the full forward's
+    (up to fp32 summation order) and the same answers, ties included (the first letter of
+    equal logits, as nanochat's argmax): nanochat's zero-init lm_head, logits saturated by the
+    softcap, letters whose lm_head columns are equal."""
+    model = tiny_gpt(tokenizer, n_embd=64 if case == "random wider" else 32, seed=case.count("2"))
+    kernel_DV = np.array(model.lm_head.kernel[...])
+    letter_ids = {x: tokenizer.encode(x)[0] for x in "ABCD12345"}
+    scale = 1000.0 if case == "saturated" else 1.0
+    kernel_DV *= scale  # saturated: letters' logits far beyond the softcap, many exactly +-15
+    if case == "zero lm_head":
+        kernel_DV[:] = 0.0
+    elif case == "equal columns":
+        for x, y in (("B", "A"), ("D", "C"), ("2", "1"), ("5", "3")):
+            kernel_DV[:, letter_ids[x]] = kernel_DV[:, letter_ids[y]]
+    model.lm_head.kernel[...] = jnp.asarray(kernel_DV)
+    conversations = mc[0]
+    new = ToyTask("categorical", conversations)
+    run_categorical_eval(new, model, tokenizer, batch_size=4)
+
+    answer_logits, errors, rows_V = chat_eval._answer_logits, [], []
+
+    def full_forward(graphdef, state, ids_BT, pos_B, vocab_C):
+        logits_BV = full_forward_answer_logits(graphdef, state, ids_BT, pos_B)
+        ours_BC = answer_logits(graphdef, state, ids_BT, pos_B, vocab_C)
+        errors.append(float(jnp.max(jnp.abs(ours_BC - logits_BV[:, vocab_C]))))
+        rows_V.extend(np.asarray(logits_BV)[np.asarray(pos_B) > 0])  # the real rows
+        return logits_BV[:, vocab_C]
+
+    monkeypatch.setattr(chat_eval, "_answer_logits", full_forward)
+    old = ToyTask("categorical", conversations)
+    run_categorical_eval(old, model, tokenizer, batch_size=4)
+    assert new.in_problem_order() == old.in_problem_order()
+    assert new.graded == old.graded
+    # fp32 summation order of lm_head's dot products: an error in proportion to their terms
+    assert max(errors) < 1e-5 * scale, errors
+    ties = 0
+    for index, logits_V in zip(old.graded, rows_V, strict=True):
+        letters = conversations[index]["letters"]
+        scores = logits_V[[letter_ids[x] for x in letters]]
+        ties += int(np.sum(scores == scores.max()) > 1)
+    if case in ("zero lm_head", "saturated", "equal columns"):
+        assert ties >= 3, f"{case}: only {ties} answers decided by a tie"
+    if case == "zero lm_head":
+        assert new.in_problem_order() == [letters_of(i)[0] for i in range(len(conversations))]
 
 
 def test_categorical_on_a_mesh_agrees(tokenizer, model, mc):
