@@ -219,10 +219,10 @@ def _counting_forwards(counts: dict[str, int], module, name: str, tokens_arg: in
     batch), by wrapping it; the function itself stays the same."""
     forward = getattr(module, name)
 
-    def counting(*args):
+    def counting(*args, **kwargs):
         counts["jax"] = counts.get("jax", 0) + args[tokens_arg].size
         counts["batches"] = counts.get("batches", 0) + 1
-        return forward(*args)
+        return forward(*args, **kwargs)
 
     setattr(module, name, counting)
     try:

@@ -2,11 +2,14 @@
 tests/golden/make_core_golden.py) and core_render.json; bucketing, compile counts, sharding.
 
 Measured on CPU (jax 0.10.2, fp32) against core_eval_tiny.json: every verdict identical (5 tasks,
-40 examples, both variants); per-row mean span losses max abs error 1.9e-6 (no crop) and 2.9e-6
-(rows left-cropped to 48 tokens), for losses of about 8-13 nats. Compilations: the whole demo
-bundle (6 tasks, 600 examples) compiles 13 forwards (half-octave length buckets 16-128, each with
-a full and a quarter row count; powers of two and full batches only compiled 4, with 1.95x the
-real token positions forwarded instead of ~1.3x); a second evaluation compiles nothing.
+40 examples, both variants); per-row mean span losses max abs error 1.9e-6 (no crop) and 1.9e-6
+(rows left-cropped to 48 tokens), for losses of about 8-13 nats; lm_head on every position
+instead of the span windows: 1.9e-6 and 2.9e-6 (the two paths differ by at most 1.9e-6, same
+verdicts, exact matches and NaNs). Compilations: the whole demo bundle (6 tasks, 600 examples)
+compiles 19 forwards (half-octave length buckets 16-128, each with a full and a quarter row
+count, and a few span windows each; 13 with lm_head on every position; powers of two and full
+batches only compiled 4, with 1.95x the real token positions forwarded instead of ~1.3x); a
+second evaluation compiles nothing.
 """
 
 from __future__ import annotations
@@ -212,16 +215,47 @@ def test_evaluate_core_on_demo_bundle_compiles_a_few_shapes(tok, demo_bundle):
         stop()
     # at most two row counts (full, quarter) for each length bucket used: 16, 24, 32, 48, 64,
     # 96, 128 (rows are not cropped to sequence_len 64: like nanochat, prompts may use the whole
-    # rotary table). Measured: 13.
-    assert 1 <= first <= 14, first
+    # rotary table), each with a few span windows (half-octave buckets of a batch's longest
+    # span). Measured: 19 (13 when lm_head ran on every position).
+    assert 1 <= first <= 20, first
     assert second == 0, "a second evaluation must reuse the compiled forwards"
-    assert len(events) <= 14, "fewer examples per task need no other shapes"
+    assert len(events) <= 20, "fewer examples per task need no other shapes"
     assert again == out
     assert list(out["results"]) == [t.label for t in tasks]
     for task in tasks:
         expected = core_eval.centered_accuracy(out["results"][task.label], task.random_baseline)
         assert out["centered_results"][task.label] == pytest.approx(expected)
     assert out["core_metric"] == pytest.approx(np.mean(list(out["centered_results"].values())))
+
+
+def test_span_windows_score_as_the_full_forward(model):
+    """lm_head on each row's span window only: the full (R, L, V) logits' mean span losses (up
+    to fp32 summation order) and exact matches, for spans from a row's first prediction, to its
+    end, empty, greedy, in a window wider than the spans and as wide as the row."""
+    R, L = 6, 24
+    rng = np.random.default_rng(1)
+    tokens_RL = rng.integers(1, model.config.vocab_size, (R, L)).astype(np.int32)
+    forward = nnx.jit(lambda model, tokens_RL: model(tokens_RL))
+    for p in range(9, 13):  # row 5's tokens 10..13: what argmax predicts from the tokens before
+        tokens_RL[5, p + 1] = np.argmax(forward(model, tokens_RL)[5, p])
+    start_R = np.asarray([1, 9, 20, 7, 12, 10], np.int32)
+    end_R = np.asarray([5, 24, 24, 7, 20, 14], np.int32)  # row 3: an empty span
+    logits_RLV = np.asarray(forward(model, tokens_RL), np.float64)
+    logp_RLV = logits_RLV - np.log(np.exp(logits_RLV).sum(-1, keepdims=True))
+    want_loss, want_exact = [], []
+    for r in range(R):
+        span = np.arange(start_R[r] - 1, end_R[r] - 1)
+        targets = tokens_RL[r, span + 1]
+        want_loss.append(-logp_RLV[r, span, targets].mean() if len(span) else np.nan)
+        want_exact.append(bool(np.all(logits_RLV[r, span].argmax(-1) == targets)))
+    assert want_exact == [False, False, False, True, False, True]
+    graphdef, state = nnx.split(model)
+    for window in (16, L):
+        loss_R, exact_R = core_eval._score_rows(
+            graphdef, None, state, tokens_RL, start_R, end_R, window=window
+        )
+        np.testing.assert_allclose(loss_R, want_loss, rtol=0, atol=1e-5)  # NaN where NaN
+        assert np.asarray(exact_R).tolist() == want_exact
 
 
 def test_bucket_lengths_take_half_octave_steps():
@@ -251,9 +285,9 @@ def test_leftover_rows_go_in_quarter_batches_with_shorter_rows(tok, model, monke
     shapes = []
     score_rows = core_eval._score_rows
 
-    def recording(graphdef, mesh, state, tokens_RL, *rest):
+    def recording(graphdef, mesh, state, tokens_RL, *rest, window):
         shapes.append(tokens_RL.shape)
-        return score_rows(graphdef, mesh, state, tokens_RL, *rest)
+        return score_rows(graphdef, mesh, state, tokens_RL, *rest, window=window)
 
     rng = np.random.default_rng(0)
     rows = [list(rng.integers(1, 200, n)) for n in [10] * 20 + [40] * 3]
