@@ -137,9 +137,9 @@ def _num_problems(task: TaskLike, max_problems: int | None) -> int:
 
 
 # The letters' logits are computed for the token ids of every letter seen so far, padded to a
-# power of two, at least 8 (ARC's and MMLU's A-E), so one compilation per length bucket serves
-# whole tasks.
-_MIN_LETTER_COLUMNS = 8
+# power of two, at least 16 (ARC labels its choices A-E or 1-5, MMLU A-D), so one compilation
+# per length bucket serves whole tasks, and the next task too.
+_MIN_LETTER_COLUMNS = 16
 
 
 @functools.partial(jax.jit, static_argnums=0)

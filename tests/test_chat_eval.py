@@ -242,6 +242,13 @@ def test_categorical_compiles_once_per_length_bucket(tokenizer, mc, caplog):
     first_7 = ToyTask("categorical", mc[0][:7])
     run_7 = lambda: run_categorical_eval(first_7, model, tokenizer, batch_size=4)  # noqa: E731
     assert count_compiles(caplog, run_7) == 0
+    # a task of fewer letters (A-D, MMLU's, after ARC's A-E and 1-5) reads as many columns
+    abcd = [mc_conversation(q, ["A", "B", "C", "D"], "A") for q in _QUESTIONS[:8]]
+    abcd_task = ToyTask("categorical", abcd)
+    buckets = {half_octave_bucket(n, 640) for n in prompt_lengths(tokenizer, abcd_task)}
+    assert buckets == {96, 128, 192}
+    run_abcd = lambda: run_categorical_eval(abcd_task, model, tokenizer, batch_size=4)  # noqa: E731
+    assert count_compiles(caplog, run_abcd) == 0
     # chat_sft's pattern: the same model, trained further, evaluated again -> no new compilation
     randomize(model, seed=7)
     assert count_compiles(caplog, run) == 0
