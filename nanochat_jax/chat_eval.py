@@ -16,14 +16,15 @@ equal ones, as nanochat's argmax). lm_head runs only there and only on the lette
 FLOPs (a (8, 128) batch: 4.3 of 11.3 GFLOP), for logits nobody reads. Attention is
 causal, so padding after a row's prompt cannot change that row's logits, and a problem's answer
 does not depend on the batch it runs in. Where nanochat batches problems in order, each padded
-to its batch's longest, here each prompt is queued by its own length bucket (half-octave steps,
-`engine.half_octave_bucket`, as core_eval's) and a bucket's batch runs as soon as it holds
+to its batch's longest, here each prompt is queued by its own length bucket
+(`engine.eval_length_bucket`, as core_eval's) and a bucket's batch runs as soon as it holds
 `batch_size` prompts; the leftovers then run longest first, a batch's spare rows taking the next
 shorter buckets' leftovers, so only the very last batch is filled up with dummy rows (a lone
-<|bos|>). Every batch has `batch_size` rows, so one shape per length bucket is compiled, and
-later tasks reuse them. On the offline demo ARC-Easy and MMLU (bench/bench_eval.py, batch 8)
-this forwards x1.27 the prompt tokens where in-order batches in power-of-two buckets forwarded
-x1.91-1.93 (nanochat: x1.12-1.13), and runs 1.5-1.9x as many problems per second on a CPU.
+<|bos|>). That pads far less than in-order batches do. Every batch has `batch_size` rows, so one
+shape per length bucket is compiled, and later tasks reuse them. The buckets are half-octave
+steps with fine shapes (the default on a CPU, where compiles are cheap) and powers of two with
+coarse ones (the default on an accelerator, where they are not): `fine_shapes`, see
+engine.fine_eval_shapes; measurements are in bench/RESULTS.md.
 Problems are graded as their batch is read, so not in problem order (as with nanochat's ranks).
 With a mesh the batch is split over its data-parallel devices (nanochat strides batches over its
 ranks); a batch is read only after the next one is dispatched, so the host's rendering overlaps
@@ -55,7 +56,7 @@ from flax import nnx
 
 from nanochat_jax import sharding
 from nanochat_jax.chat import sample_answers
-from nanochat_jax.engine import Engine, EnginePool, half_octave_bucket
+from nanochat_jax.engine import Engine, EnginePool, eval_length_bucket, fine_eval_shapes
 from nanochat_jax.tasks import EXTRA_TASK_NAMES, TASK_NAMES, get_task
 
 # A random letter is right one time in four on these; a random answer never is on the others
@@ -151,10 +152,10 @@ def _answer_logits(graphdef: nnx.GraphDef, state: nnx.State, ids_BT, pos_B, voca
     return model.head(model.hidden_states(ids_BT), pos_B[:, None], vocab_C)[:, 0]
 
 
-def _length_bucket(length: int, limit: int) -> int:
+def _length_bucket(length: int, limit: int, fine: bool) -> int:
     if length > limit:
         raise ValueError(f"a prompt of {length} tokens exceeds the model's maximum {limit}")
-    return half_octave_bucket(length, limit)
+    return eval_length_bucket(length, limit, fine)
 
 
 def _on_mesh(state: nnx.State, mesh: jax.sharding.Mesh) -> nnx.State:
@@ -188,9 +189,12 @@ def run_categorical_eval(
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
     label: str = "categorical",
+    fine_shapes: bool | None = None,
 ) -> float:
     """Accuracy of the model's letter choice over the first `max_problems` problems.
-    batch_size: rows per forward, over the whole mesh (a multiple of its data-parallel size)."""
+    batch_size: rows per forward, over the whole mesh (a multiple of its data-parallel size).
+    fine_shapes: half-octave (True) or power-of-two (False) length buckets; None: fine on a
+    CPU, coarse on an accelerator. The answers are the same either way."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if mesh is not None:
@@ -203,6 +207,7 @@ def run_categorical_eval(
     num_problems = _num_problems(task, max_problems)
     bos = tokenizer.get_bos_token_id()
     limit = model.config.rotary_seq_len
+    fine = fine_eval_shapes(fine_shapes)
     graphdef, state = nnx.split(model)
     if mesh is not None:
         state = _on_mesh(state, mesh)
@@ -250,7 +255,7 @@ def run_categorical_eval(
                 column_of[letter] = len(vocab)
                 vocab.append(_letter_token(tokenizer, letter))
         prompt = tokenizer.render_for_completion(conversation)
-        T = _length_bucket(len(prompt), limit)
+        T = _length_bucket(len(prompt), limit, fine)
         queue = queues.setdefault(T, [])
         queue.append((conversation, prompt))
         if len(queue) == batch_size:
@@ -261,7 +266,7 @@ def run_categorical_eval(
     leftovers = [row for T in sorted(queues, reverse=True) for row in queues[T]]
     for first in range(0, len(leftovers), batch_size):
         rows = leftovers[first : first + batch_size]
-        dispatch(_length_bucket(len(rows[0][1]), limit), rows)
+        dispatch(_length_bucket(len(rows[0][1]), limit, fine), rows)
         grade(keep=1)
     grade(keep=0)
     meter.update(passed, total, final=True)

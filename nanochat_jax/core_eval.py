@@ -9,16 +9,19 @@ lowest mean loss over its span; LM is right when greedy argmax reproduces the co
 exactly. A task's accuracy is centered against its random baseline and CORE is the mean.
 
 Speed: nanochat runs one forward per example at that example's length. Here the option rows of
-many examples are right-padded with BOS into length buckets (two per octave: 16, 24, 32, 48, 64,
-96, ...) and stacked into batches of a fixed row count per bucket, so one jitted forward serves
-each bucket shape for the whole eval (and for later evals of a model with the same structure).
-A task's leftover rows (fewer than a batch) go in batches of a quarter of the rows, whose
-spare rows take the leftovers of shorter buckets, so at most two row counts per bucket are
-compiled. Right-padding cannot change a causal model's outputs at the real positions. lm_head
-(and the log-softmax over the vocab) runs only on a window of each row's positions from its
-span's start, as wide as the batch's longest span in half-octave steps (its few widths add a
-few compilations: 19 instead of 13 on the demo bundle); on a CPU that halves the demo
-bundle's warm time (bench_eval, depth 4, vocab 8192).
+many examples are right-padded with BOS into length buckets and stacked into batches of a fixed
+row count per bucket, so one jitted forward serves each bucket shape for the whole eval (and for
+later evals of a model with the same structure). A task's leftover rows (fewer than a batch)
+fill batches whose spare rows take the leftovers of shorter buckets, so only a task's last batch
+has dummy rows. Right-padding cannot change a causal model's outputs at the real positions.
+lm_head (and the log-softmax over the vocab) runs only on a window of each row's positions from
+its span's start, as wide as the batch's longest span needs, since the spans are a small part
+of the rows. How fine the shapes are (`fine_shapes`, see engine.fine_eval_shapes) trades
+padding for compilations: fine (the default on a CPU, where compiles are cheap) uses half-octave
+buckets (16, 24, 32, 48, ...), quarter-size leftover batches and half-octave windows; coarse
+(the default on an accelerator, where a big model's compile outweighs its forwards) uses
+power-of-two buckets, full-size batches only and two windows per bucket, min(L, 128) or L.
+Measurements are in bench/RESULTS.md.
 Batches may be split over the mesh's data axes when the model's parameters live on a mesh (as
 `stage.load_model(..., mesh=mesh)` leaves them).
 """
@@ -40,16 +43,18 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nanochat_jax import sharding
-from nanochat_jax.engine import half_octave_bucket
+from nanochat_jax.engine import eval_length_bucket, fine_eval_shapes, half_octave_bucket
 from nanochat_jax.eval_bundle import TASK_TYPES, load_task_data, read_tasks
 from nanochat_jax.model import GPT, cross_entropy
 
 _ENCODE_CHUNK = 256  # examples tokenized per call (the Rust tokenizer encodes a list in parallel)
-# A task's leftover rows of a bucket run in batches of a quarter of the full row count: two
-# compiled row counts per bucket, and less than a quarter batch of dummy rows per leftover.
-# Measured on CPU (bench_eval, demo bundle, depth 4): full-size leftover batches 9.3 s warm with
-# 5 compiles, quarter batches 7.9 s with 8, quarters and halves 7.8 s with 10.
+# Fine shapes: a task's leftover rows of a bucket run in batches of a quarter of the full row
+# count (two compiled row counts per bucket, less than a quarter batch of dummy rows per
+# leftover); bench/RESULTS.md compares full, quarter, and quarter-and-half leftover batches.
 _PARTIAL_BATCH_FRACTION = 4
+# Coarse shapes: the narrow span window of a bucket (CORE's spans are mostly a few to a few
+# dozen tokens); a batch with a longer span takes the whole row length.
+_NARROW_WINDOW = 128
 
 
 # ---- prompts (nanochat's three Jinja templates, written out in Python) ------------------------
@@ -157,7 +162,8 @@ def _score_rows(graphdef, mesh, state, tokens_RL, start_R, end_R, *, window: int
     """Mean loss over each row's span [start-1, end-1) of next-token predictions, and whether
     greedy argmax reproduces the span exactly. An empty span gives NaN (torch's empty mean).
     lm_head runs only on the `window` positions from each row's start-1 (W: at least the
-    longest span; positions past a row's span are masked, past its end clamped)."""
+    longest span; positions past a row's span are masked, those past the padded length are
+    clamped to L-1)."""
     model = nnx.merge(graphdef, state)
     L = tokens_RL.shape[1]
     offset_W = jnp.arange(window)
@@ -188,15 +194,23 @@ def _model_mesh(model: GPT) -> Mesh | None:
 class _RowScorer:
     """Queues rows by length bucket and runs a bucket's batch as soon as it is full.
 
-    Each bucket length L (engine.half_octave_bucket, at most max_len) has two row counts, a
-    whole batch (rows_per_batch) and a quarter batch for leftovers (partial_rows), so every
-    forward has one of a handful of shapes. `finish` runs the leftovers, longest bucket first,
+    Each bucket length L (engine.eval_length_bucket, at most max_len) has a whole batch's row
+    count (rows_per_batch) and, with fine shapes, a quarter batch's for leftovers
+    (partial_rows), so every forward has one of a handful of shapes. `finish` runs the
+    leftovers, longest bucket first,
     and fills their batches' spare rows with leftovers of shorter buckets before padding with
     dummy rows. Results stay on device until `finish`, so the host prepares the next rows while
     the device works."""
 
     def __init__(
-        self, model: GPT, bos: int, batch_rows: int, batch_tokens: int, max_len: int, mesh
+        self,
+        model: GPT,
+        bos: int,
+        batch_rows: int,
+        batch_tokens: int,
+        max_len: int,
+        mesh,
+        fine_shapes: bool | None = None,
     ):
         if batch_rows < 1 or batch_tokens < 1:
             raise ValueError(
@@ -210,9 +224,18 @@ class _RowScorer:
         self.queues: dict[int, list[tuple[int, list[int], int, int]]] = {}
         self.launched: list[tuple[list[int], jax.Array, jax.Array]] = []
         self.num_rows = 0
+        self.fine = fine_eval_shapes(fine_shapes)
 
     def bucket(self, length: int) -> int:
-        return half_octave_bucket(length, self.max_len)
+        return eval_length_bucket(length, self.max_len, self.fine)
+
+    def window(self, span: int, bucket: int) -> int:
+        """The span window of a batch whose longest span is `span`: it must cover every row's
+        span (positions past it are masked). Fine: the half-octave step holding it; coarse:
+        _NARROW_WINDOW when it fits, else the whole row (two windows per bucket)."""
+        if self.fine:
+            return half_octave_bucket(span, bucket)
+        return min(bucket, _NARROW_WINDOW) if span <= _NARROW_WINDOW else bucket
 
     def rows_per_batch(self, bucket: int) -> int:
         per_device = max(1, min(self.batch_rows, self.batch_tokens // bucket))
@@ -221,8 +244,11 @@ class _RowScorer:
     def partial_rows(self, bucket: int, num_rows: int) -> int:
         """The size of the next batch of `bucket` when `num_rows` of its rows are left over: a
         whole batch when that pads it with fewer dummy rows than a quarter batch holds
-        (num_rows > whole - quarter), else a quarter batch (at least one row per device)."""
+        (num_rows > whole - quarter), else a quarter batch (at least one row per device).
+        Coarse shapes: always a whole batch."""
         full = self.rows_per_batch(bucket)
+        if not self.fine:
+            return full
         part = max(1, full // self.dp // _PARTIAL_BATCH_FRACTION) * self.dp
         return full if num_rows > full - part else part
 
@@ -246,8 +272,7 @@ class _RowScorer:
             tokens_RL[r, : len(row)] = row
             start_R[r], end_R[r] = start, end
         arrays = [self._place(a) for a in (tokens_RL, start_R, end_R)]
-        # the longest span in half-octave steps: a few widths, so a few compilations
-        window = half_octave_bucket(int(np.max(end_R - start_R)), bucket)
+        window = self.window(int(np.max(end_R - start_R)), bucket)
         mean_loss_R, exact_R = _score_rows(
             self.graphdef, self.mesh, self.state, *arrays, window=window
         )
@@ -319,6 +344,7 @@ def evaluate_examples(
     batch_tokens: int = 8192,
     max_seq_len: int | None = None,
     mesh: Mesh | None = None,
+    fine_shapes: bool | None = None,
 ) -> list[ExampleResult]:
     """Score every example of one task (nanochat's evaluate_example for each idx).
 
@@ -326,7 +352,9 @@ def evaluate_examples(
     batch_rows / batch_tokens: rows, and rows x bucket length, per data-parallel device and
     forward. max_seq_len: rows are left-cropped to it (default: the model's rotary table, 10x
     sequence_len, as nanochat, which crops only Hugging Face models, lets its own models see).
-    mesh: default the one the model's parameters live on."""
+    mesh: default the one the model's parameters live on. fine_shapes: the batch shape
+    policy (module docstring; None: fine on a CPU, coarse on an accelerator); the scores are
+    the same either way."""
     task_type, num_fewshot, delimiter = _check_task_meta(task_meta)
     max_len = max_seq_len or model.config.rotary_seq_len
     if not 1 < max_len <= model.config.rotary_seq_len:
@@ -334,7 +362,7 @@ def evaluate_examples(
             f"max_seq_len must be in [2, {model.config.rotary_seq_len}], got {max_seq_len}"
         )
     bos = tokenizer.get_bos_token_id()
-    scorer = _RowScorer(model, bos, batch_rows, batch_tokens, max_len, mesh)
+    scorer = _RowScorer(model, bos, batch_rows, batch_tokens, max_len, mesh, fine_shapes)
     row_ids: list[list[int]] = []
     for first in range(0, len(data), _ENCODE_CHUNK):
         indices = range(first, min(len(data), first + _ENCODE_CHUNK))
@@ -374,6 +402,7 @@ def evaluate_task(
     batch_tokens: int = 8192,
     max_seq_len: int | None = None,
     mesh: Mesh | None = None,
+    fine_shapes: bool | None = None,
 ) -> float:
     """Accuracy of the model on one task (fraction of examples scored correct)."""
     if not data:
@@ -387,6 +416,7 @@ def evaluate_task(
         batch_tokens=batch_tokens,
         max_seq_len=max_seq_len,
         mesh=mesh,
+        fine_shapes=fine_shapes,
     )
     return sum(r.correct for r in results) / len(results)
 
@@ -407,12 +437,13 @@ def evaluate_core(
     batch_tokens: int = 8192,
     max_seq_len: int | None = None,
     verbose: bool = True,
+    fine_shapes: bool | None = None,
 ) -> dict[str, Any]:
     """Every task of the eval bundle: {"results": {label: accuracy}, "centered_results":
     {label: centered}, "core_metric": mean centered}. Each task's examples are shuffled with
     Random(1337) and cropped to max_per_task (-1: all), as nanochat's base_eval. A broken
     bundle raises ValueError naming the file (`eval_bundle.validate_bundle` checks it all up
-    front)."""
+    front). fine_shapes: as evaluate_examples'."""
     results: dict[str, float] = {}
     centered: dict[str, float] = {}
     show = verbose and jax.process_index() == 0
@@ -436,6 +467,7 @@ def evaluate_core(
             batch_rows=batch_rows,
             batch_tokens=batch_tokens,
             max_seq_len=max_seq_len,
+            fine_shapes=fine_shapes,
         )
         results[task.label] = accuracy
         centered[task.label] = centered_accuracy(accuracy, task.random_baseline)

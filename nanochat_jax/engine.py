@@ -289,6 +289,26 @@ def half_octave_bucket(length: int, cap: int) -> int:
     return min(power, cap)
 
 
+# Eval shape policy (core_eval, chat_eval's categorical tasks). Every distinct (rows, length,
+# span window) shape is one compilation. On a CPU a compile costs little next to the forwards,
+# so fine shapes pay: half-octave lengths, quarter-size leftover batches and span windows in
+# half-octave steps forward the fewest positions. On a GPU/TPU a large model's compile costs
+# seconds while its forwards take milliseconds, so coarse shapes: powers of two, full-size
+# batches only, and two span windows per length (bench/RESULTS.md has the estimate).
+def fine_eval_shapes(fine_shapes: bool | None = None) -> bool:
+    """Whether the one-forward evals use fine shapes: `fine_shapes` when given, else whether
+    the default device is a CPU."""
+    if fine_shapes is None:
+        return jax.devices()[0].platform == "cpu"
+    return bool(fine_shapes)
+
+
+def eval_length_bucket(length: int, cap: int, fine: bool) -> int:
+    """A one-forward eval's padded row length: half_octave_bucket when `fine`, else
+    length_bucket (the next power of two)."""
+    return half_octave_bucket(length, cap) if fine else length_bucket(length, cap)
+
+
 def _compute_dtype(model: nnx.Module) -> jnp.dtype:
     head = getattr(model, "lm_head", None)
     return jnp.dtype(getattr(head, "dtype", None) or jnp.float32)

@@ -258,6 +258,31 @@ def test_categorical_compiles_once_per_length_bucket(tokenizer, mc, caplog):
     assert count_compiles(caplog, run) == 0
 
 
+def test_categorical_coarse_shapes_give_the_same_answers(tokenizer, mc, caplog, monkeypatch):
+    """fine_shapes=False (an accelerator's default): power-of-two buckets, fewer compiled
+    shapes, the same answer to every problem as fine shapes (half-octave buckets)."""
+    model = tiny_gpt(tokenizer, n_embd=40)  # a shape no other test compiles
+    task = ToyTask("categorical", mc[0])
+    n = prompt_lengths(tokenizer, task)
+    coarse = ToyTask("categorical", mc[0])
+    run = lambda: run_categorical_eval(coarse, model, tokenizer, batch_size=4, fine_shapes=False)  # noqa: E731
+    assert count_compiles(caplog, run) == 2  # lengths 128 and 256
+    fine = ToyTask("categorical", mc[0])
+    run = lambda: run_categorical_eval(fine, model, tokenizer, batch_size=4, fine_shapes=True)  # noqa: E731
+    assert count_compiles(caplog, run) == 2  # lengths 96 and 192; 128 is compiled already
+    assert coarse.in_problem_order() == fine.in_problem_order()
+    assert sorted(coarse.graded) == sorted(fine.graded) == list(range(len(mc[0])))
+    batches = record_batches(monkeypatch)
+    run_categorical_eval(
+        ToyTask("categorical", mc[0]), model, tokenizer, batch_size=4, fine_shapes=False
+    )
+    assert batches == [
+        ((4, 128), [n[0], n[1], n[2], n[4]]),  # buckets 96 and 128 of fine shapes: one bucket
+        ((4, 128), [n[5], n[6], n[7], n[9]]),
+        ((4, 256), [n[3], n[8], n[10], 1]),  # leftovers, longest first; one dummy row
+    ]
+
+
 def on_devices(model: GPT, placement) -> GPT:
     """The model with its parameters device_put onto a device or a pytree of shardings."""
     graphdef, state = nnx.split(model)

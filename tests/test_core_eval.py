@@ -9,7 +9,8 @@ verdicts, exact matches and NaNs). Compilations: the whole demo bundle (6 tasks,
 compiles 19 forwards (half-octave length buckets 16-128, each with a full and a quarter row
 count, and a few span windows each; 13 with lm_head on every position; powers of two and full
 batches only compiled 4, with 1.95x the real token positions forwarded instead of ~1.3x); a
-second evaluation compiles nothing.
+second evaluation compiles nothing. Those are fine shapes (a CPU's default); coarse shapes (an
+accelerator's) compile 4 there, with the same results and the same golden verdicts.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from flax import nnx
 from nanochat_jax import core_eval, eval_bundle, sharding
 from nanochat_jax.config import GPTConfig
 from nanochat_jax.convert import from_nanochat_state_dict
-from nanochat_jax.engine import half_octave_bucket
+from nanochat_jax.engine import eval_length_bucket, fine_eval_shapes, half_octave_bucket
 from nanochat_jax.eval_bundle import read_tasks, write_demo_bundle
 from nanochat_jax.model import GPT
 from nanochat_jax.tokenizer import Tokenizer
@@ -130,15 +131,22 @@ def test_crop_left_shifts_spans_and_clamps_to_one():
 # ---- scores against nanochat ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("fine_shapes", [True, False], ids=["fine", "coarse"])
 @pytest.mark.parametrize("variant", ["full", "crop48"])
-def test_scores_match_nanochat(golden, tok, model, variant):
+def test_scores_match_nanochat(golden, tok, model, variant, fine_shapes):
     spec = golden["variants"][variant]
     max_seq_len = spec["max_seq_len"] or model.config.rotary_seq_len
     worst = 0.0
     for label, expected in spec["tasks"].items():
         task = golden["tasks"][label]
         results = core_eval.evaluate_examples(
-            model, tok, task["data"], task["task_meta"], max_seq_len=max_seq_len, batch_rows=8
+            model,
+            tok,
+            task["data"],
+            task["task_meta"],
+            max_seq_len=max_seq_len,
+            batch_rows=8,
+            fine_shapes=fine_shapes,
         )
         assert [r.correct for r in results] == [e["correct"] for e in expected["examples"]], label
         for result, example in zip(results, expected["examples"], strict=True):
@@ -228,6 +236,68 @@ def test_evaluate_core_on_demo_bundle_compiles_a_few_shapes(tok, demo_bundle):
     assert out["core_metric"] == pytest.approx(np.mean(list(out["centered_results"].values())))
 
 
+def test_shape_policies_give_the_same_core_with_their_compile_counts(tok, demo_bundle):
+    """Coarse shapes (an accelerator's default: power-of-two buckets, full batches, windows
+    min(L, 128) or L) and fine shapes (a CPU's) score the demo bundle identically."""
+    config = GPTConfig(  # a model structure no other test uses: the counts are of these evals
+        sequence_len=64, vocab_size=1024, n_layer=1, n_head=2, n_kv_head=1, n_embd=32
+    )
+    fresh = GPT(config, rngs=nnx.Rngs(4))
+    # N(0, 0.3) weights: a fresh GPT's zero lm_head makes every option's loss tie, and ties
+    # break on summation order, which differs between padded shapes
+    params = nnx.state(fresh, nnx.Param)
+    rng = np.random.default_rng(4)
+    nnx.replace_by_pure_dict(
+        params,
+        jax.tree.map(
+            lambda x: rng.normal(0.0, 0.3, x.shape).astype(np.float32), nnx.to_pure_dict(params)
+        ),
+    )
+    nnx.update(fresh, params)
+    events, stop = _compiles()
+    try:
+        coarse = core_eval.evaluate_core(fresh, tok, demo_bundle, verbose=False, fine_shapes=False)
+        coarse_compiles = len(events)
+        fine = core_eval.evaluate_core(fresh, tok, demo_bundle, verbose=False, fine_shapes=True)
+        fine_compiles = len(events) - coarse_compiles
+    finally:
+        stop()
+    assert coarse == fine
+    # coarse: (64, L) for L in 16, 32, 64, 128, window L (<= 128); fine: the 19 of
+    # test_evaluate_core_on_demo_bundle_compiles_a_few_shapes less those coarse compiled
+    assert coarse_compiles == 4, coarse_compiles
+    assert fine_compiles <= 20, fine_compiles
+
+
+def test_coarse_shapes_full_batches_and_two_windows(tok, model, monkeypatch):
+    """Coarse shapes, batch_rows 4: full batches only (the leftovers of bucket 256 take a row
+    of bucket 16, then a dummy row), window 128 for short spans in a 256 row, else 256."""
+    shapes = []
+    score_rows = core_eval._score_rows
+
+    def recording(graphdef, mesh, state, tokens_RL, *rest, window):
+        shapes.append((*tokens_RL.shape, window))
+        return score_rows(graphdef, mesh, state, tokens_RL, *rest, window=window)
+
+    rng = np.random.default_rng(2)
+    rows = [list(rng.integers(1, 200, n)) for n in [10] * 4 + [200] * 6 + [10]]
+    spans = [(1, 10)] * 4 + [(195, 200)] * 5 + [(50, 200), (3, 10)]
+    monkeypatch.setattr(core_eval, "_score_rows", recording)
+    bos = tok.get_bos_token_id()
+    scorer = core_eval._RowScorer(model, bos, 4, 8192, 640, None, fine_shapes=False)
+    for row, (start, end) in zip(rows, spans, strict=True):
+        scorer.add(row, start, end)
+    losses, exact = scorer.finish()
+    assert shapes == [(4, 16, 16), (4, 256, 128), (4, 256, 256)]
+    assert scorer.partial_rows(16, 1) == 4
+    alone = core_eval._RowScorer(model, bos, 1, 8192, 640, None, fine_shapes=True)
+    for row, (start, end) in zip(rows, spans, strict=True):
+        alone.add(row, start, end)
+    alone_losses, alone_exact = alone.finish()
+    np.testing.assert_allclose(losses, alone_losses, atol=1e-5)
+    np.testing.assert_array_equal(exact, alone_exact)
+
+
 def test_span_windows_score_as_the_full_forward(model):
     """lm_head on each row's span window only: the full (R, L, V) logits' mean span losses (up
     to fp32 summation order) and exact matches, for spans from a row's first prediction, to its
@@ -276,6 +346,16 @@ def test_bucket_lengths_take_half_octave_steps():
     assert half_octave_bucket(600, 640) == 640  # the cap is the last bucket
     assert half_octave_bucket(500, 640) == 512
     assert half_octave_bucket(5, 8) == 8
+    # the shape policies: fine (half-octave) by default on a CPU, coarse = powers of two
+    assert fine_eval_shapes() is True and fine_eval_shapes(False) is False
+    assert [eval_length_bucket(n, 640, False) for n in (1, 17, 33, 97, 600)] == [
+        16,
+        32,
+        64,
+        128,
+        640,
+    ]
+    assert [eval_length_bucket(n, 640, True) for n in (17, 97)] == [24, 128]
 
 
 def test_leftover_rows_go_in_quarter_batches_with_shorter_rows(tok, model, monkeypatch):
