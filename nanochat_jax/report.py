@@ -59,7 +59,7 @@ EXPECTED_SECTIONS = (
 )
 # RL is optional and experimental in nanochat, so its timestamps do not end the wall clock
 _RL_SECTIONS = frozenset({"chat-rl", "chat-evaluation-rl"})
-CHAT_METRICS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE")
+CHAT_METRICS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee", "ChatCORE")
 # section slug -> (summary column, metrics read from it); RL evaluates GSM8K only
 _SUMMARY_SOURCES = {
     "base-model-evaluation": ("BASE", ("CORE",)),
