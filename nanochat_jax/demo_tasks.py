@@ -767,7 +767,9 @@ def _doc_items(per_module: int = 20) -> list[tuple[str, str, str, str | None, bo
                 signature = f"{module_name}.{name}{inspect.signature(obj)}"
             except (TypeError, ValueError):  # some C functions have no signature
                 signature = None
-            if signature and len(signature) > 120:
+            # long ones, and ones whose defaults print a memory address ("<function copy2 at
+            # 0x7f...>": different in every process), would make the demo data vary
+            if signature and (len(signature) > 120 or " at 0x" in signature):
                 signature = None
             qualname = f"{module_name}.{name}"
             found.append((module_name, qualname, _first_paragraph(doc), signature, is_class))

@@ -8,8 +8,11 @@ import gzip
 import io
 import json
 import keyword
+import os
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -239,6 +242,22 @@ def test_deterministic():
     assert (
         other[("openai/gsm8k", "main", "train")] != generate(cfg)[("openai/gsm8k", "main", "train")]
     )
+
+
+def test_deterministic_across_processes():
+    # nothing process-specific (memory addresses in signatures, hash order) may reach the rows
+    code = "from nanochat_jax.demo_tasks import _doc_items; print(repr(_doc_items()))"
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2")
+    ]
+    assert outputs[0] == outputs[1] and " at 0x" not in outputs[0]
 
 
 def test_rewrite_and_markers(tmp_path, monkeypatch):
